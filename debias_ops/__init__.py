@@ -1,0 +1,34 @@
+"""debias_ops: fused Triton kernels for DropClass (Chu, Kim, Han, NeurIPS 2021).
+
+Public API (SPEC §5)::
+
+    out  = suppress(feats, class_logits, k, *, drop=None)        # importance from logits
+    out  = class_drop(feats, class_weight, k=None, *, drop=None)  # the paper's, from weights
+    S    = class_importance(feats, class_logits)                  # (K, C)
+    res  = dropclass_loss(logits, logits_drop, target, drop, *, lam, alpha=10.0,
+                          weight=None, ignore_index=255)          # (loss, ce, ce_drop, sup)
+    drop = sample_drop(batch, num_classes, p, *, generator=None, device=None, per_sample=True)
+
+CUDA tensors run the Triton kernels, anything else the reference; the
+environment variable DEBIAS_OPS_BACKEND (auto | triton | reference) overrides.
+Importing needs torch only (triton is imported when a kernel first runs).
+"""
+from .api import class_drop, class_importance, dropclass_loss, suppress
+from .reference import DropClassLoss
+from .sampling import drop_mask, sample_drop
+from .validation import set_value_checks, value_checks, value_checks_enabled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "suppress",
+    "class_drop",
+    "class_importance",
+    "dropclass_loss",
+    "sample_drop",
+    "drop_mask",
+    "DropClassLoss",
+    "set_value_checks",
+    "value_checks",
+    "value_checks_enabled",
+]

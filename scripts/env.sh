@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Prints the python interpreter to use, setting it up first if needed.
+#
+# * A machine that already has torch + triton + a CUDA GPU (the GPU machine:
+#   no network) uses its own python3 and installs nothing.
+# * Anywhere else a virtualenv .venv is created (once) and filled: torch is
+#   pinned first (a bare `torch` would pull a multi-GB CUDA build on a CPU
+#   machine), then the rest, then this package itself (non-editable, so the
+#   tests also prove the packaging).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_PIN="${DEBIAS_OPS_TORCH_PIN:-torch==2.13.0}"
+SYS_PY="${PYTHON:-python3}"
+
+if "$SYS_PY" - >/dev/null 2>&1 <<'PY'
+import torch, triton
+assert torch.cuda.is_available()
+PY
+then
+    echo "$SYS_PY"
+    exit 0
+fi
+
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.ready" ]; then
+    {
+        "$SYS_PY" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+        "$VENV/bin/python" -m pip install -q "$TORCH_PIN"
+        "$VENV/bin/python" -m pip install -q triton numpy pytest pytest-benchmark hypothesis tqdm matplotlib
+        touch "$VENV/.ready"
+    } 1>&2
+fi
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation . 1>&2
+echo "$VENV/bin/python"

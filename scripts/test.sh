@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the test suite with the given python.
+#  1. the whole suite on the default backend (reference on CPU, kernels on a GPU);
+#  2. the kernel parity tests under the Triton interpreter (CPU tensors,
+#     DEBIAS_OPS_BACKEND=triton, TRITON_INTERPRET=1), which is how a CPU-only
+#     machine (CI) checks the Triton kernels.
+# pytest's exit code 5 ("no tests collected") is a failure here.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="$1"; shift || true
+"$PY" -m pytest -q -p no:cacheprovider tests "$@"
+rc=$?
+if [ $rc -ne 0 ]; then
+    [ $rc -eq 5 ] && echo "no tests collected: failing" >&2
+    exit 1
+fi
+if "$PY" -c "import triton" >/dev/null 2>&1; then
+    TRITON_INTERPRET=1 DEBIAS_OPS_BACKEND=triton "$PY" -m pytest -q -p no:cacheprovider -m kernel tests "$@"
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        [ $rc -eq 5 ] && echo "no kernel tests collected: failing" >&2
+        exit 1
+    fi
+else
+    echo "triton not installed: interpreter kernel tests not run" >&2
+    exit 1
+fi

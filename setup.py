@@ -1,0 +1,28 @@
+"""Packaging for debias_ops.
+
+The kernels live in ``kernels/`` in the source tree but are installed as
+``debias_ops.kernels``: a bare top-level ``kernels`` package would clash with
+another PyPI distribution of that name (SPEC §7).
+"""
+from setuptools import setup
+
+setup(
+    name="debias_ops",
+    version="0.1.0",
+    description="Fused Triton kernels for DropClass (debiased semantic segmentation)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["debias_ops", "debias_ops.kernels"],
+    package_dir={"debias_ops": "debias_ops", "debias_ops.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.6; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "tqdm", "matplotlib"],
+    },
+    license="MIT",
+)

@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests run against the source tree (the repository root first on sys.path);
+# `debias_ops` itself loads `kernels/` as `debias_ops.kernels` when needed.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel: compares Triton kernels with the reference (GPU or interpreter)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "slow: long-running")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+    torch.manual_seed(0)
+    yield

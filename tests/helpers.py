@@ -1,0 +1,69 @@
+"""Shared test helpers: a comparison that says where tensors differ, per-dtype
+tolerances, input factories for odd shapes and memory layouts, and the device
+on which the Triton kernels can be tested."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tolerances per dtype of the *compared* tensors (outputs are cast to the input
+# dtype; a bf16 store can round one ulp differently from PyTorch's cast).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=2e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol=None, atol=None, name: str = "tensor") -> None:
+    """torch.testing.assert_close, plus where and how badly the tensors differ."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    tol = TOL.get(expected.dtype, TOL[torch.float32])
+    rtol = tol["rtol"] if rtol is None else rtol
+    atol = tol["atol"] if atol is None else atol
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    bad = ~torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=False) | torch.isnan(a) != torch.isnan(e)
+    if bool(bad.any()):
+        idx = bad.nonzero()[:8]
+        lines = [f"  at {tuple(i.tolist())}: got {a[tuple(i)].item():.8g}, expected {e[tuple(i)].item():.8g}" for i in idx]
+        diff = (a - e).abs()
+        diff = torch.where(torch.isnan(diff), torch.full_like(diff, float("inf")), diff)
+        worst = diff.argmax()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol}, atol={atol}); "
+            f"max abs diff {diff.max().item():.4g} at flat index {int(worst)}\n" + "\n".join(lines)
+        )
+
+
+def kernel_device() -> torch.device:
+    """Where the Triton kernels can be tested: CUDA when present, else CPU under
+    the interpreter with DEBIAS_OPS_BACKEND=triton; otherwise the test is skipped."""
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pytest.skip("triton not installed")
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DEBIAS_OPS_BACKEND") == "triton":
+        return torch.device("cpu")
+    pytest.skip("kernel tests need a GPU, or TRITON_INTERPRET=1 with DEBIAS_OPS_BACKEND=triton")
+
+
+def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout: 'contiguous', 'channels_last',
+    or 'strided' (a non-contiguous view: every other element of a wider tensor)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        wide[..., ::2] = x
+        view = wide[..., ::2]
+        assert not view.is_contiguous() or x.shape[-1] <= 1
+        return view
+    raise ValueError(layout)
