@@ -40,16 +40,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol=None, ato
 
 
 def kernel_device() -> torch.device:
-    """Where the Triton kernels can be tested: CUDA when present, else CPU under
-    the interpreter with DEBIAS_OPS_BACKEND=triton; otherwise the test is skipped."""
+    """Where the Triton kernels can be tested: CPU under the interpreter
+    (TRITON_INTERPRET=1 with DEBIAS_OPS_BACKEND=triton), else CUDA when present;
+    otherwise the test is skipped."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if os.environ.get("DEBIAS_OPS_BACKEND") != "triton":
+            pytest.skip("under TRITON_INTERPRET=1 the kernels run on CPU tensors with DEBIAS_OPS_BACKEND=triton")
+        return torch.device("cpu")
     if torch.cuda.is_available():
         try:
             import triton  # noqa: F401
         except ImportError:
             pytest.skip("triton not installed")
+        if os.environ.get("DEBIAS_OPS_BACKEND", "auto") == "reference":
+            pytest.skip("DEBIAS_OPS_BACKEND=reference")
         return torch.device("cuda")
-    if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("DEBIAS_OPS_BACKEND") == "triton":
-        return torch.device("cpu")
     pytest.skip("kernel tests need a GPU, or TRITON_INTERPRET=1 with DEBIAS_OPS_BACKEND=triton")
 
 
