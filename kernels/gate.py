@@ -208,7 +208,9 @@ def launch_gate(x, gate, y=None, a=None, *, wrap=None, blocks_per_chunk=None):
     kernel = _gate_kernel if wrap is None else wrap(_gate_kernel)
     grid = (B * n_cblk * n_chunk,)
     kernel[grid](
-        x, gate, y if write_y else x, a if with_dg else x, partial if with_dg else gate,
+        # unused pointers get the small gate, never an alias of a big input (the
+        # mutation analysis of wrap_triton must not think a user tensor is written)
+        x, gate, y if write_y else gate, a if with_dg else gate, partial if with_dg else gate,
         C, N, W, n_cblk, n_chunk, blocks_per_chunk,
         sxb, sxc, sxn, sxh, sxw,
         syb, syc, syn, syh, syw,
