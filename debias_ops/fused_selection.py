@@ -61,7 +61,10 @@ def _gate_kernels():
 
 
 def _wrap():
-    return torch.library.wrap_triton if _HAS_TRITON_OP else None
+    """``wrap_triton`` inside a triton_op (traceable launch); None (a plain launch)
+    under the interpreter, which torch.compile cannot trace anyway (SPEC §9) and
+    which older torch versions' ``wrap_triton`` rejects."""
+    return torch.library.wrap_triton if (_HAS_TRITON_OP and not _backend.interpreting()) else None
 
 
 def _channels_last(feats: torch.Tensor) -> bool:

@@ -142,6 +142,14 @@ def view_strides(t: torch.Tensor):
     return LAYOUT_CN, sb, sc, sn, sh, sw
 
 
+def _pow2_at_least(n, lo: int, hi: int) -> int:
+    """Smallest power of two >= n, clamped to [lo, hi] (comparisons only: fine for SymInts)."""
+    p = lo
+    while p < hi and p < n:
+        p *= 2
+    return p
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -158,11 +166,9 @@ def gate_config(C: int, N: int, layout: int, device: torch.device):
     channel blocks and position chunks.
     """
     if device.type != "cuda":
-        bc = min(32, triton.next_power_of_2(max(C, 1)))
-        bn = 16
-        return bc, bn, 1, 8
+        return _pow2_at_least(C, 1, 32), 16, 1, 8
     if layout == LAYOUT_C:
-        bc, bn = min(128, max(16, triton.next_power_of_2(C))), 32
+        bc, bn = _pow2_at_least(C, 16, 128), 32
     elif layout == LAYOUT_N:
         bc, bn = 16, 256
     else:
