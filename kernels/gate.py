@@ -160,7 +160,7 @@ def gate_config(C: int, N: int, layout: int, device: torch.device):
 
     GPU tiles hold 4096 elements (16 per thread at 8 warps) with the unit-stride
     axis long: NCHW 16×256 (512 B rows in bf16), channels_last 128×32 (256 B
-    rows). These are the predictions of benchmarks/NOTES_selection.md, to be
+    rows; a narrower channel block when 128 would pad C by more than 1/8). These are the predictions of benchmarks/NOTES_selection.md, to be
     tuned on the GPU. The interpreter runs programs one at a time, so there a few
     larger programs are cheapest; blocks stay small so tests still cover several
     channel blocks and position chunks.
@@ -168,7 +168,14 @@ def gate_config(C: int, N: int, layout: int, device: torch.device):
     if device.type != "cuda":
         return _pow2_at_least(C, 1, 32), 16, 1, 8
     if layout == LAYOUT_C:
-        bc, bn = _pow2_at_least(C, 16, 128), 32
+        # widest channel block (longest contiguous run) whose padding wastes
+        # at most 1/8 of the lanes: C 720 -> 128 (6.7 %), C 270 -> 32 (6.7 %)
+        bc = 16
+        for cand in (128, 64, 32):
+            if cand <= 2 * C and triton.cdiv(C, cand) * cand - C <= C // 8:
+                bc = cand
+                break
+        bn = max(16, 4096 // bc)
     elif layout == LAYOUT_N:
         bc, bn = 16, 256
     else:
