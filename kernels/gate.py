@@ -40,6 +40,7 @@ layout are in :func:`gate_config` (see benchmarks/NOTES_selection.md).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -220,19 +221,21 @@ def launch_gate(x, gate, y=None, a=None, *, wrap=None, blocks_per_chunk=None):
         return partial
     kernel = _gate_kernel if wrap is None else wrap(_gate_kernel)
     grid = (B * n_cblk * n_chunk,)
-    kernel[grid](
-        # unused pointers get the small gate, never an alias of a big input (the
-        # mutation analysis of wrap_triton must not think a user tensor is written)
-        x, gate, y if write_y else gate, a if with_dg else gate, partial if with_dg else gate,
-        C, N, W, n_cblk, n_chunk, blocks_per_chunk,
-        sxb, sxc, sxn, sxh, sxw,
-        syb, syc, syn, syh, syw,
-        sab, sac, san, sah, saw,
-        gate.stride(0), gate.stride(1),
-        C * B if with_dg else 0, C if with_dg else 0,
-        BLOCK_C=bc, BLOCK_N=bn,
-        X_LAYOUT=xl, Y_LAYOUT=yl, A_LAYOUT=al,
-        WRITE_Y=write_y, WITH_DG=with_dg,
-        num_warps=warps,
-    )
+    # Triton launches on the current device: make it the data's (multi-GPU)
+    with (torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()):
+        kernel[grid](
+            # unused pointers get the small gate, never an alias of a big input (the
+            # mutation analysis of wrap_triton must not think a user tensor is written)
+            x, gate, y if write_y else gate, a if with_dg else gate, partial if with_dg else gate,
+            C, N, W, n_cblk, n_chunk, blocks_per_chunk,
+            sxb, sxc, sxn, sxh, sxw,
+            syb, syc, syn, syh, syw,
+            sab, sac, san, sah, saw,
+            gate.stride(0), gate.stride(1),
+            C * B if with_dg else 0, C if with_dg else 0,
+            BLOCK_C=bc, BLOCK_N=bn,
+            X_LAYOUT=xl, Y_LAYOUT=yl, A_LAYOUT=al,
+            WRITE_Y=write_y, WITH_DG=with_dg,
+            num_warps=warps,
+        )
     return partial

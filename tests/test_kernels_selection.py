@@ -477,6 +477,15 @@ def test_gpu_peak_memory_w48(op, dtype):
     assert extra <= 2.2 * size, f"peak extra {extra / size:.3f}·|A|"
 
 
+def _close_on_device(actual, expected, name):
+    """assert_close for huge tensors, without copying them to the host (bf16 TOL)."""
+    tol = TOL[expected.dtype]
+    a, e = actual.float(), expected.float()
+    bad = ~torch.isclose(a, e, rtol=tol["rtol"], atol=tol["atol"])
+    n_bad = int(bad.sum())
+    assert n_bad == 0, f"{name}: {n_bad} elements differ, max abs diff {(a - e).abs().max().item():.4g}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gpu_more_than_2_31_elements(layout):
@@ -500,8 +509,8 @@ def test_gpu_more_than_2_31_elements(layout):
         for h0 in range(0, H, 128):  # chunked reference, float32 products
             sl = (slice(None), slice(None), slice(h0, h0 + 128))
             a = feats.detach()[sl].float()
-            assert_close(out[sl], (a * g[:, :, None, None]).to(torch.bfloat16), name=f"out rows {h0}")
-            assert_close(feats.grad[sl], (grad[sl].float() * g[:, :, None, None]).to(torch.bfloat16), name=f"dA rows {h0}")
+            _close_on_device(out[sl], (a * g[:, :, None, None]).to(torch.bfloat16), f"out rows {h0}")
+            _close_on_device(feats.grad[sl], (grad[sl].float() * g[:, :, None, None]).to(torch.bfloat16), f"dA rows {h0}")
             dg += (grad[sl].float() * a).sum(dim=(2, 3), dtype=torch.float64)
     keep = (~dropped).double()
     dW = (keep / keep.sum(1, keepdim=True).clamp_min(1)).T @ dg * (weight.detach() > 0)
