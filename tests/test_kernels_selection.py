@@ -515,8 +515,11 @@ def test_gpu_more_than_2_31_elements(layout):
     keep = (~dropped).double()
     dW = (keep / keep.sum(1, keepdim=True).clamp_min(1)).T @ dg * (weight.detach() > 0)
     scale = _dg_scale(feats[:, :, :64], grad[:, :, :64]) * (H / 64)
-    # fp32 partials over ~5e8 positions: |error| ≲ 1e-5 · Σ|dOut·A| with chunked sums
-    assert_close(weight.grad.double(), dW, rtol=0, atol=1e-5 * scale, name="dW")
+    # dg over 5.4e8 positions per (b, c): each fp32 accumulator lane of a program
+    # sums ~4000 products (~528 chunks × 256 lanes), typical error ~sqrt(4000)·2^-24
+    # ≈ 4e-6 of its Σ|dOut·A|; 1e-4 of the total leaves margin, while one chunk
+    # dropped or counted twice (an int32 offset wrap) moves dg by ~1/528 ≈ 2e-3 of it.
+    assert_close(weight.grad.double(), dW, rtol=0, atol=1e-4 * scale, name="dW")
 
 
 # ----------------------------------------------------------------------------- CPU: compile / opcheck through the reference branch
