@@ -141,7 +141,6 @@ def _gate_backward_impl(grad: torch.Tensor, gate: torch.Tensor, feats: torch.Ten
 
     ``feats`` is only read when need_dg (otherwise any tensor). One pass.
     """
-    B, C = grad.shape[:2]
     if _use_reference(grad):
         g32 = gate.float()[:, :, None, None]
         d32 = grad.float()
