@@ -1,0 +1,661 @@
+"""Fused suppress / class_drop / class_importance (issue 3) vs the reference.
+
+Kernel tests (``@pytest.mark.kernel``) run on ``kernel_device()``: CPU under the
+Triton interpreter in CI (tiny shapes), or a GPU. GPU-only tests
+(``@pytest.mark.gpu``) cover torch.compile of the Triton path, CUDA graphs,
+opcheck on CUDA, peak memory and > 2^31-element tensors. The CPU tests at the
+end (no marker) check torch.compile(fullgraph=True) and opcheck through the
+reference branch of the registered ops (SPEC §9).
+
+Tolerances: outputs and dA are products A·g / dOut·g computed in float32 and
+cast once, so they match the reference to the dtype's ``TOL`` (one rounding of
+the cast; a bf16 store may round one ulp differently, SPEC §9). Reductions
+(dg, dW, the moments) are float32 sums in another order than PyTorch's; each
+such tolerance is explained where it is used.
+
+Top-k ties: the fused importance S may differ from the reference S by rounding,
+so channels near-tied at the k-th boundary could swap. The suppress tests
+therefore either (a) compare against the reference gate built from the *fused*
+S (``class_importance`` is deterministic, so suppress uses the same S), or (b)
+use planted inputs whose importances have clear gaps at every top-k boundary.
+"""
+import os
+
+import pytest
+import torch
+
+import debias_ops as dops
+from debias_ops import reference as ref
+
+from .helpers import TOL, assert_close, kernel_device, make_layout
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# "cropped" is a view whose H and W do not merge into one stride (the kernel's
+# unmerged (n // W, n % W) addressing); the others merge (NCHW, NHWC, step-sliced).
+LAYOUTS = ["contiguous", "channels_last", "strided", "cropped"]
+DT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+# (B, C, H, W): C and N not powers of two, N = 1, B·N < C, several channel
+# blocks (C = 37 > 32 = the interpreter's BLOCK_C) and position chunks (N = 63).
+SHAPES = [(2, 7, 3, 5), (3, 37, 1, 1), (1, 37, 2, 3), (2, 5, 7, 9)]
+
+
+def _layout(x, layout):
+    if layout == "cropped":
+        B, C, H, W = x.shape
+        wide = torch.zeros(B, C, H + 1, W + 2, dtype=x.dtype, device=x.device)
+        wide[:, :, 1:, 2:] = x
+        return wide[:, :, 1:, 2:]
+    if x.numel() == 0 and layout == "strided":  # make_layout asserts non-contiguity, which an empty view lacks
+        return torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)[..., ::2]
+    return make_layout(x, layout)
+
+
+def _feats(shape, dtype, layout, device, requires_grad=True):
+    x = _layout(torch.randn(*shape, device=device).to(dtype), layout)
+    return x.requires_grad_(requires_grad)
+
+
+def _k(k, C):
+    return {"none": None, "one": 1, "mid": max(1, C // 2), "all": C}[k]
+
+
+def _drop(form, B, K, device):
+    if form == "none":
+        return None
+    if form == "int":
+        return K - 1
+    if form == "long":  # -1: this sample drops nothing
+        return torch.tensor([(b % (K + 1)) - 1 for b in range(B)], dtype=torch.long, device=device)
+    if form == "mask":
+        m = torch.rand(B, K, device=device) < 0.4
+        return m
+    if form == "all":
+        return torch.ones(B, K, dtype=torch.bool, device=device)
+    raise ValueError(form)
+
+
+def _clone_leaf(x):
+    y = x.detach().clone()
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.requires_grad_(x.requires_grad)
+
+
+def _grad_cases(out, device):
+    """A random dOut (in a different layout from out: channels_last) and the
+    stride-0 gradient of out.sum() (SPEC §9)."""
+    g = torch.randn(out.shape, device=device).to(out.dtype)
+    return [("random", make_layout(g, "channels_last")), ("sum", None)]
+
+
+def _backward(out, grad):
+    if grad is None:
+        out.sum().backward()  # hands the backward ones(1).expand(shape): stride 0
+    else:
+        out.backward(grad)
+
+
+def _dg_scale(feats, grad):
+    """max over (b, c) of Σ_n |dOut·A|: the magnitude that bounds the float32
+    rounding of dg = Σ_n dOut·A (and of dW, a keep-weighted mean of dg)."""
+    d = torch.ones_like(feats, dtype=torch.float32) if grad is None else grad.float()
+    return (d.abs() * feats.detach().float().abs()).sum(dim=(2, 3)).max().clamp_min(1e-30).item() if feats.numel() else 1.0
+
+
+# ----------------------------------------------------------------------------- class_drop
+
+def _check_class_drop(feats, weight, k, drop, device, grad_kind):
+    f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
+    out = dops.class_drop(feats, weight, k, drop=drop)
+    exp = ref.class_drop(f2, w2, k, drop=drop)
+    assert out.dtype == feats.dtype and out.shape == feats.shape
+    cl = feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert_close(out, exp, name="out")
+    grad = None if grad_kind == "sum" else make_layout(torch.randn(out.shape, device=device).to(out.dtype), "channels_last")
+    _backward(out, grad)
+    _backward(exp, grad)
+    if feats.requires_grad:
+        assert_close(feats.grad, f2.grad, name="dA")
+    if weight.requires_grad:
+        # dW = Σ_b keep·dg/|keep| restricted to W>0 and top-k: float32 sums over
+        # N in chunked order vs PyTorch's; |error| ≲ (N + B)·2^-24·Σ_n|dOut·A|,
+        # far below 1e-5 of that scale for these N; a wrong index or stride
+        # gives errors of order the scale itself. dW is then cast to W's dtype.
+        scale = _dg_scale(feats, grad)
+        tol = TOL[weight.dtype]
+        assert_close(weight.grad, w2.grad, rtol=tol["rtol"], atol=max(tol["atol"], 1e-5 * scale), name="dW")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_class_drop_shapes_dtypes_layouts(shape, dtype, layout):
+    device = kernel_device()
+    B, C = shape[:2]
+    K = 3
+    # cycle k and drop forms through the grid so every value appears with every dtype
+    i = SHAPES.index(shape) + LAYOUTS.index(layout)
+    k = _k(["none", "one", "mid", "all"][i % 4], C)
+    drop = _drop(["none", "int", "long", "mask", "all"][(i + DTYPES.index(dtype)) % 5], B, K, device)
+    feats = _feats(shape, dtype, layout, device)
+    weight = torch.randn(K, C, device=device, requires_grad=True)
+    for grad_kind in ("random", "sum"):
+        feats.grad = None
+        weight.grad = None
+        _check_class_drop(feats, weight, k, drop, device, grad_kind)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("k", ["none", "one", "mid", "all"])
+@pytest.mark.parametrize("drop", ["none", "int", "long", "mask", "all"])
+def test_class_drop_k_and_drop_forms(k, drop):
+    device = kernel_device()
+    shape, K = (3, 11, 2, 3), 4
+    feats = _feats(shape, torch.float32, "contiguous", device)
+    weight = torch.randn(K, 11, 1, 1, device=device, requires_grad=True)  # (K, C, 1, 1) form
+    _check_class_drop(feats, weight, _k(k, 11), _drop(drop, 3, K, device), device, "random")
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("which", ["feats_only", "weight_only", "half_weight"])
+def test_class_drop_partial_requires_grad(which):
+    """Only dA (weight frozen), only dW (frozen feats: the pass writes no dA),
+    and a float16 weight with float32 feats (mixed dtypes, dW in float16)."""
+    device = kernel_device()
+    feats = _feats((2, 9, 3, 4), torch.float32, "channels_last", device, requires_grad=which != "weight_only")
+    weight = torch.randn(3, 9, device=device, dtype=torch.float16 if which == "half_weight" else torch.float32)
+    weight.requires_grad_(which != "feats_only")
+    _check_class_drop(feats, weight, 4, 1, device, "random")
+
+
+@pytest.mark.kernel
+def test_class_drop_empty_batch_and_grad_layouts():
+    device = kernel_device()
+    feats = _feats((0, 7, 3, 5), torch.float32, "contiguous", device)
+    weight = torch.randn(3, 7, device=device, requires_grad=True)
+    out = dops.class_drop(feats, weight, 2)
+    assert out.shape == feats.shape
+    out.sum().backward()
+    assert feats.grad.shape == feats.shape
+    assert_close(weight.grad, torch.zeros_like(weight), name="dW (B=0)")
+    # dOut in a generic layout (a step-sliced view) while feats are channels_last
+    feats = _feats((2, 7, 4, 3), torch.bfloat16, "channels_last", device)
+    weight.grad = None
+    f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
+    grad = make_layout(torch.randn(2, 7, 4, 3, device=device).to(torch.bfloat16), "strided")
+    out = dops.class_drop(feats, weight, None, drop=0)
+    out.backward(grad)
+    exp = ref.class_drop(f2, w2, None, drop=0)
+    exp.backward(grad)
+    assert_close(out, exp, name="out")
+    assert_close(feats.grad, f2.grad, name="dA")
+    assert feats.grad.is_contiguous(memory_format=torch.channels_last)
+    assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW")  # see _check_class_drop
+
+
+@pytest.mark.kernel
+def test_backward_deterministic_and_multi_chunk():
+    """dg comes from per-chunk partials (N = 63: 4 chunks of 16 in the
+    interpreter config) reduced in a fixed order: two runs are bitwise equal."""
+    device = kernel_device()
+    feats = _feats((2, 5, 7, 9), torch.float32, "contiguous", device)
+    weight = torch.randn(3, 5, device=device, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 9, device=device)
+    grads = []
+    for _ in range(2):
+        weight.grad = None
+        dops.class_drop(feats, weight, 3, drop=1).backward(grad)
+        grads.append(weight.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+
+
+# ----------------------------------------------------------------------------- suppress / class_importance
+
+def _planted(B, C, H, W, K, device, gap_scale=1.0):
+    """feats ~ N(0, 1) and logits of a linear head W_true·A + bias whose entries
+    are spread evenly over [-1, 1] with a gap of 2/(K·C) between any two (and
+    none at 0): the fitted importance relu(W_fit) ≈ relu(W_true) has clear gaps
+    at every top-k boundary, so rounding cannot reorder the selection."""
+    n = K * C
+    vals = (torch.arange(n, dtype=torch.float32) + 0.5) * (2.0 / n) - 1.0
+    w_true = (vals[torch.randperm(n)].reshape(K, C) * gap_scale).to(device)
+    feats = torch.randn(B, C, H, W, device=device)
+    logits = torch.einsum("kc,bchw->bkhw", w_true, feats) + torch.randn(K, device=device)[None, :, None, None]
+    return feats, logits, w_true
+
+
+def _check_suppress_gate_level(feats, logits, k, drop, device):
+    """suppress == reference.apply_gate(feats, channel_gate(S_fused)) with S_fused
+    the fused class_importance (deterministic, so the same S as inside suppress):
+    checks the gate/apply/backward kernels independently of top-k ties."""
+    B, C = feats.shape[:2]
+    K = logits.shape[1]
+    S = dops.class_importance(feats, logits)
+    assert S.dtype == torch.float32 and S.shape == (K, C)
+    dropped = dops.drop_mask(drop, B, K, device)
+    g = ref.channel_gate(S, k, dropped)
+    f2 = _clone_leaf(feats)
+    out = dops.suppress(feats, logits, k, drop=drop)
+    exp = ref.apply_gate(f2, g)
+    assert out.dtype == feats.dtype
+    cl = feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert_close(out, exp, name="out")
+    for grad_kind, grad in _grad_cases(out, device):
+        feats.grad = None
+        f2.grad = None
+        out = dops.suppress(feats, logits, k, drop=drop)
+        exp = ref.apply_gate(f2, g)
+        _backward(out, grad)
+        _backward(exp, grad)
+        assert_close(feats.grad, f2.grad, name=f"dA ({grad_kind})")
+    assert logits.grad is None  # class_logits gets no gradient
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("shape", SHAPES + [(0, 7, 3, 5)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_suppress_gate_level(shape, dtype, layout):
+    device = kernel_device()
+    B, C, H, W = shape
+    i = shape[1] + LAYOUTS.index(layout) + DTYPES.index(dtype)
+    K = 2 if i % 2 else 5
+    k = _k(["none", "one", "mid", "all"][i % 4], C)
+    drop = _drop(["none", "int", "long", "mask", "all"][i % 5], B, K, device)
+    feats = _feats(shape, dtype, layout, device)
+    # logits in another float dtype than feats, and requiring grad (it gets none)
+    ldt = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    logits = _layout(torch.randn(B, K, H, W, device=device).to(ldt), layout).requires_grad_(True)
+    _check_suppress_gate_level(feats, logits, k, drop, device)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT.get)
+@pytest.mark.parametrize("k", ["one", "mid"])
+def test_suppress_end_to_end_planted(dtype, k):
+    """vs reference.suppress on planted inputs with clear top-k gaps (M = 96 ≥ 8·C).
+
+    Tolerance: out = A·g; fp32 rtol 1e-4 because S may come from a Gram computed
+    in another order (and, on a GPU, with tf32x3/ieee tiles): G's error
+    ~1e-6 relative, amplified by cond(G + ρI) ≲ 5 for M ≥ 8C standard normal
+    features, gives g within ~1e-5 relative; 1e-4 leaves a margin and is still
+    100× below a single wrongly selected channel. fp16/bf16: the dtype's TOL
+    (the output rounding dominates)."""
+    device = kernel_device()
+    feats, logits, _ = _planted(2, 11, 6, 8, 3, device)
+    feats = feats.to(dtype)
+    logits = logits.to(torch.float16 if dtype == torch.bfloat16 else torch.float32)
+    kk = _k(k, 11)
+    out = dops.suppress(feats, logits, kk, drop=torch.tensor([2, -1], device=device))
+    exp = ref.suppress(feats, logits, kk, drop=torch.tensor([2, -1], device=device))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
+    assert_close(out, exp, name="out", **tol)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("shape", [(2, 7, 6, 5), (3, 19, 4, 4), (1, 13, 1, 1), (2, 9, 1, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.bfloat16)], ids=lambda d: f"{DT[d[0]]}-{DT[d[1]]}")
+def test_class_importance(shape, dtypes):
+    """S (K, C) vs the reference from the same (rounded) inputs.
+
+    Well-conditioned shapes (M = B·N ≥ 8·C): rtol 1e-4 relative to max|S|, as in
+    test_suppress_end_to_end_planted. Underdetermined shapes (M < C: G is
+    singular and the ridge ρ ≈ 1e-3·mean diag G dominates): the solve amplifies
+    the fp32 rounding of G (~1e-6 relative) by up to (λ_max + ρ)/ρ ≈ 1e3, so
+    5e-3 relative to max|S|."""
+    device = kernel_device()
+    B, C, H, W = shape
+    K = 2 if C == 13 else 4
+    fdt, ldt = dtypes
+    feats = torch.randn(B, C, H, W, device=device).to(fdt)
+    logits = torch.randn(B, K, H, W, device=device).to(ldt)
+    S = dops.class_importance(feats, logits)
+    exp = ref.class_importance(feats, logits)
+    M = B * H * W
+    rel = 1e-4 if M >= 8 * C else 5e-3
+    assert_close(S, exp, rtol=0, atol=rel * exp.abs().max().clamp_min(1e-6).item(), name="S")
+    # B = 0: every statistic zero, S = 0
+    S0 = dops.class_importance(feats[:0], logits[:0])
+    assert_close(S0, torch.zeros(K, C, device=device), name="S (B=0)")
+
+
+@pytest.mark.kernel
+def test_suppress_of_linear_head_is_class_drop():
+    """suppress(A, conv1x1(A), k) ≈ class_drop(A, conv1x1.weight, k) (SPEC §2).
+
+    With logits from a linear head, X = W·G exactly, so W_fit = W·G(G + ρI)⁻¹ =
+    W − ρ·W(G + ρI)⁻¹ and |W_fit − W|_max ≤ max_j ‖W_j‖₂ · ρ/(λ_min(G) + ρ).
+    ReLU is 1-Lipschitz and g averages S over kept classes, so
+    |Δg| ≤ that bound and |Δout| ≤ max|A| · bound, provided the top-k sets agree,
+    which holds when every top-k gap of W exceeds twice the bound (asserted).
+    Plus fp32 rounding of the two paths (small against this bound)."""
+    device = kernel_device()
+    B, C, H, W, K = 2, 8, 8, 8, 3  # M = 128 = 16·C: well conditioned
+    feats, _, w_true = _planted(B, C, H, W, K, device)
+    conv = torch.nn.Conv2d(C, K, 1).to(device)
+    with torch.no_grad():
+        conv.weight.copy_(w_true[:, :, None, None])
+    logits = conv(feats).detach()
+    A = feats.double().transpose(0, 1).reshape(C, -1)
+    G = torch.cov(A, correction=0)
+    rho = 1e-3 * G.diagonal().mean() + 1e-6
+    bound = (w_true.double().norm(dim=1).max() * rho / (torch.linalg.eigvalsh(G)[0] + rho)).item()
+    assert 2 * bound < 2.0 / (K * C)  # top-k gaps of the planted weight are 2/(K·C)
+    atol = feats.abs().max().item() * bound + 1e-5
+    for k in (None, 2, 5):
+        out_s = dops.suppress(feats, logits, k, drop=1)
+        out_c = dops.class_drop(feats, conv.weight, k, drop=1)
+        assert_close(out_s, out_c, rtol=0, atol=atol, name=f"suppress vs class_drop (k={k})")
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("GPU tests run without the interpreter")
+    pytest.importorskip("triton")
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_compile_fullgraph_fwd_bwd(layout):
+    device = _cuda()
+    from debias_ops import fused_selection as fs
+    feats = _feats((2, 40, 9, 13), torch.bfloat16, layout, device)
+    weight = torch.randn(5, 40, device=device, requires_grad=True)
+    logits = torch.randn(2, 5, 9, 13, device=device)
+    dropped = torch.zeros(2, 5, dtype=torch.bool, device=device)
+    dropped[0, 3] = True
+
+    def step(a, w, l):
+        return fs.class_drop(a, w, 7, dropped) + fs.suppress(a, l, 7, dropped)
+
+    compiled = torch.compile(step, fullgraph=True)
+    grad = torch.randn(2, 40, 9, 13, device=device).to(torch.bfloat16)
+    out = compiled(feats, weight, logits)
+    out.backward(grad)
+    f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
+    exp = step(f2, w2, logits)
+    exp.backward(grad)
+    assert_close(out, exp, name="out")
+    assert_close(feats.grad, f2.grad, name="dA")
+    assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_replay():
+    device = _cuda()
+    feats = torch.randn(4, 48, 16, 16, device=device, dtype=torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(6, 48, device=device, requires_grad=True)
+    logits = torch.randn(4, 6, 16, 16, device=device)
+    drop = torch.zeros(4, 6, dtype=torch.bool, device=device)
+    drop[1, 2] = True
+    grad = torch.randn(4, 48, 16, 16, device=device, dtype=torch.bfloat16)
+
+    def step():
+        out = dops.class_drop(feats, weight, 9, drop=drop) + dops.suppress(feats, logits, 9, drop=drop)
+        out.backward(grad)
+        return out
+
+    with dops.value_checks(False):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                feats.grad = None
+                weight.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        feats.grad = None
+        weight.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = step()
+    with torch.no_grad():
+        feats.copy_(torch.randn_like(feats))
+        weight.copy_(torch.randn_like(weight))
+        logits.copy_(torch.randn_like(logits))
+        feats.grad.zero_()
+        weight.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
+    exp = ref.class_drop(f2, w2, 9, drop=drop) + ref.suppress(f2, logits, 9, drop=drop)
+    exp.backward(grad)
+    assert_close(static_out, exp, name="out (replay)")
+    assert_close(feats.grad, f2.grad, name="dA (replay)")
+    assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW (replay)")
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck():
+    device = _cuda()
+    from debias_ops import fused_selection as fs
+    for layout in ("contiguous", "channels_last"):
+        a = _feats((2, 24, 5, 7), torch.float32, layout, device)
+        g = torch.rand(2, 24, device=device, requires_grad=True)
+        torch.library.opcheck(fs.gate_apply_op, (a, g))
+        grad = torch.randn(2, 24, 5, 7, device=device)
+        torch.library.opcheck(fs.gate_backward_op, (grad, g.detach(), a.detach(), True, True, layout != "contiguous"))
+        torch.library.opcheck(fs.batch_moments_op, (a.detach(), torch.randn(2, 3, 5, 7, device=device)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["class_drop", "suppress"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT.get)
+def test_gpu_peak_memory_w48(op, dtype):
+    """fwd+bwd at W48 (B 8, C 720, 128×256, K 19): peak extra memory ≤ 2.2·|A|
+    (SPEC §8: the output and dA, nothing else N-sized). suppress includes the
+    moments pass, so this also checks kernels/moments.py allocates nothing N-sized."""
+    device = _cuda()
+    B, C, H, W, K = 8, 720, 128, 256, 19
+    feats = torch.randn(B, C, H, W, device=device, dtype=dtype).requires_grad_(True)
+    weight = torch.randn(K, C, device=device, requires_grad=True)
+    logits = torch.randn(B, K, H, W, device=device, dtype=dtype)
+    grad = torch.randn(B, C, H, W, device=device, dtype=dtype)
+    drop = dops.sample_drop(B, K, 0.5, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if op == "class_drop":
+        out = dops.class_drop(feats, weight, 64, drop=drop)
+    else:
+        out = dops.suppress(feats, logits, 64, drop=drop)
+    out.backward(grad)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    size = feats.numel() * feats.element_size()
+    assert extra <= 2.2 * size, f"peak extra {extra / size:.3f}·|A|"
+
+
+def _close_on_device(actual, expected, name):
+    """assert_close for huge tensors, without copying them to the host (bf16 TOL)."""
+    tol = TOL[expected.dtype]
+    a, e = actual.float(), expected.float()
+    bad = ~torch.isclose(a, e, rtol=tol["rtol"], atol=tol["atol"])
+    n_bad = int(bad.sum())
+    assert n_bad == 0, f"{name}: {n_bad} elements differ, max abs diff {(a - e).abs().max().item():.4g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_more_than_2_31_elements(layout):
+    """bf16 tensors of 2^31 + 11776 elements: every offset past 2^31 must be int64."""
+    device = _cuda()
+    B, C, H, W, K = 2, 2, 1024, 524291, 3
+    if torch.cuda.get_device_properties(device).total_memory < 40 * 2**30:
+        pytest.skip("needs ~20 GiB of GPU memory")
+    feats = torch.randn(B, C, H, W, device=device, dtype=torch.bfloat16)
+    feats = make_layout(feats, layout).requires_grad_(True)
+    assert feats.numel() > 2**31
+    weight = torch.randn(K, C, device=device, requires_grad=True)
+    grad = torch.randn(B, C, H, W, device=device, dtype=torch.bfloat16)
+    drop = torch.tensor([0, -1], device=device)
+    out = dops.class_drop(feats, weight, None, drop=drop)
+    out.backward(grad)
+    with torch.no_grad():
+        dropped = dops.drop_mask(drop, B, K, device)
+        g = ref.channel_gate(ref.weight_importance(weight), None, dropped)
+        dg = torch.zeros(B, C, device=device, dtype=torch.float64)
+        for h0 in range(0, H, 128):  # chunked reference, float32 products
+            sl = (slice(None), slice(None), slice(h0, h0 + 128))
+            a = feats.detach()[sl].float()
+            _close_on_device(out[sl], (a * g[:, :, None, None]).to(torch.bfloat16), f"out rows {h0}")
+            _close_on_device(feats.grad[sl], (grad[sl].float() * g[:, :, None, None]).to(torch.bfloat16), f"dA rows {h0}")
+            dg += (grad[sl].float() * a).sum(dim=(2, 3), dtype=torch.float64)
+    keep = (~dropped).double()
+    dW = (keep / keep.sum(1, keepdim=True).clamp_min(1)).T @ dg * (weight.detach() > 0)
+    scale = _dg_scale(feats[:, :, :64], grad[:, :, :64]) * (H / 64)
+    # dg over 5.4e8 positions per (b, c): each fp32 accumulator lane of a program
+    # sums ~4000 products (~528 chunks × 256 lanes), typical error ~sqrt(4000)·2^-24
+    # ≈ 4e-6 of its Σ|dOut·A|; 1e-4 of the total leaves margin, while one chunk
+    # dropped or counted twice (an int32 offset wrap) moves dg by ~1/528 ≈ 2e-3 of it.
+    assert_close(weight.grad.double(), dW, rtol=0, atol=1e-4 * scale, name="dW")
+
+
+# ----------------------------------------------------------------------------- CPU: compile / opcheck through the reference branch
+
+def _not_interpreting():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("torch.compile cannot trace interpreted kernels (SPEC §9)")
+
+
+def test_cpu_compile_fullgraph_reference_branch():
+    """The registered ops compile with fullgraph=True on CPU (reference branch), fwd+bwd."""
+    _not_interpreting()
+    from debias_ops import fused_selection as fs
+    feats = _feats((2, 7, 3, 5), torch.float32, "channels_last", "cpu")
+    weight = torch.randn(4, 7, requires_grad=True)
+    logits = torch.randn(2, 4, 3, 5)
+    dropped = torch.tensor([[False, True, False, False], [False, False, False, False]])
+
+    def step(a, w, l):
+        return fs.class_drop(a, w, 3, dropped) * 2 + fs.suppress(a, l, 3, dropped), fs.class_importance(a, l)
+
+    out, S = torch.compile(step, fullgraph=True)(feats, weight, logits)
+    out.sum().backward()
+    f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
+    exp = ref.class_drop(f2, w2, 3, drop=dropped) * 2 + ref.suppress(f2, logits, 3, drop=dropped)
+    exp.sum().backward()
+    assert_close(out, exp, name="out")
+    assert_close(S, ref.class_importance(feats, logits), name="S")
+    assert_close(feats.grad, f2.grad, name="dA")
+    assert_close(weight.grad, w2.grad, name="dW")
+
+
+def test_cpu_opcheck_reference_branch():
+    _not_interpreting()
+    from debias_ops import fused_selection as fs
+    for layout in ("contiguous", "channels_last"):
+        a = _feats((2, 6, 3, 5), torch.float32, layout, "cpu")
+        g = torch.rand(2, 6, requires_grad=True)
+        torch.library.opcheck(fs.gate_apply_op, (a, g))
+        torch.library.opcheck(fs.gate_backward_op, (torch.randn(2, 6, 3, 5), g.detach(), a.detach(), True, True,
+                                                    layout != "contiguous"))
+        torch.library.opcheck(fs.batch_moments_op, (a.detach(), torch.randn(2, 3, 3, 5)))
+
+
+def test_gate_kernel_compiles_for_sm90_vectorised():
+    """Without a GPU: compile the real (non-interpreted) gate kernel to sm_90
+    cubin with Triton's bundled ptxas, as the launcher would specialise it for
+    W48 (strides divisible by 16, unit strides as constants), and check that
+    NCHW and channels_last tiles get 128-bit loads and stores (coalesced,
+    vectorised along the unit-stride axis). Catches kernels that only work in
+    the interpreter."""
+    _not_interpreting()
+    triton = pytest.importorskip("triton")
+    import importlib
+    import re
+
+    from debias_ops import _backend
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget")
+    _backend.load_kernels()
+    gate = importlib.import_module("debias_ops.kernels.gate")
+    fn = gate._gate_kernel
+    names = fn.arg_names
+    flags = ("BLOCK_C", "BLOCK_N", "X_LAYOUT", "Y_LAYOUT", "A_LAYOUT", "WRITE_Y", "WITH_DG")
+    cases = [  # (layout, block, unit-stride args, with_dg)
+        (gate.LAYOUT_N, (16, 256), ("sxn", "syn", "san", "sgc"), True),
+        (gate.LAYOUT_C, (128, 32), ("sxc", "syc", "sac", "sgc"), True),
+        (gate.LAYOUT_N, (16, 256), ("sxn", "syn", "san", "sgc"), False),
+    ]
+    for layout, (bc, bn), unit, with_dg in cases:
+        const = dict(BLOCK_C=bc, BLOCK_N=bn, X_LAYOUT=layout, Y_LAYOUT=layout, A_LAYOUT=layout,
+                     WRITE_Y=True, WITH_DG=with_dg, **{u: 1 for u in unit})
+        sig = {}
+        for n in names:
+            if n in const:
+                sig[n] = "constexpr"
+            elif n in ("X", "Y", "A"):
+                sig[n] = "*bf16"
+            elif n in ("Gate", "P"):
+                sig[n] = "*fp32"
+            else:
+                sig[n] = "i32"
+        div16 = [n for n in names if sig[n] != "constexpr" and n not in ("n_cblk", "n_chunk", "blocks_per_chunk")]
+        try:
+            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
+        except TypeError:
+            pytest.skip("this Triton's ASTSource has another signature")
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        except RuntimeError as err:
+            if "ptxas" in str(err).lower() and "not found" in str(err).lower():
+                pytest.skip("no ptxas")
+            raise
+        ptx = compiled.asm["ptx"]
+        assert re.search(r"ld\.global(\.[a-z]+)*\.v4\.b32", ptx), f"layout {layout}: no 128-bit loads"
+        assert re.search(r"st\.global(\.[a-z]+)*\.v4\.b32", ptx), f"layout {layout}: no 128-bit stores"
+
+
+def test_cpu_custom_op_fallback_registration():
+    """torch 2.4–2.5 have no torch.library.triton_op: the ops are then plain
+    custom_ops with register_fake. Simulated in a subprocess by hiding triton_op:
+    fwd/bwd vs the reference and opcheck (whose aot_dispatch test traces the
+    fake and autograd registrations as torch.compile would)."""
+    _not_interpreting()
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent("""
+        import torch
+        del torch.library.triton_op
+        from debias_ops import fused_selection as fs, reference as ref
+        assert not fs._HAS_TRITON_OP
+        a = torch.randn(2, 6, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        w = torch.randn(3, 6, requires_grad=True)
+        dropped = torch.tensor([[True, False, False], [False, False, False]])
+        out = fs.class_drop(a, w, 2, dropped)
+        out.sum().backward()
+        a2, w2 = a.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+        exp = ref.class_drop(a2, w2, 2, drop=dropped)
+        exp.sum().backward()
+        torch.testing.assert_close(out, exp)
+        torch.testing.assert_close(a.grad, a2.grad)
+        torch.testing.assert_close(w.grad, w2.grad)
+        g = torch.rand(2, 6, requires_grad=True)
+        torch.library.opcheck(fs.gate_apply_op, (a.detach().requires_grad_(True), g))
+        torch.library.opcheck(fs.gate_backward_op, (torch.randn(2, 6, 3, 5), g.detach(), a.detach(), True, True, True))
+        torch.library.opcheck(fs.batch_moments_op, (a.detach(), torch.randn(2, 3, 3, 5)))
+        print("fallback ok")
+    """)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "fallback ok" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
