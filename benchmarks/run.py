@@ -26,7 +26,7 @@ import torch
 from . import byte_model, cases, timing
 from .shapes import CPU_SHAPES, DTYPES, GPU_SHAPES, TINY_SHAPES, Shape, dtype_name, sweep_points
 
-SCHEMA = "debias_ops.bench/1"
+from .schema import SCHEMA
 ROOT = Path(__file__).resolve().parent
 
 
@@ -321,23 +321,29 @@ def format_table(rows: List[dict], markdown: bool = False) -> str:
     head = ["op", "shape", "dtype", "mode", "impl", "median ms", "GB/s", "% copy BW", "TFLOP/s", "× compile",
             "peak extra MiB", "status"]
     body = []
+    skipped: Dict[tuple, int] = {}
     for r in rows:
         if r["kind"] != "op":
+            continue
+        if r["status"] == "skipped":  # one line per reason under the table, not one row each
+            key = (r["op"], r["reason"])
+            skipped[key] = skipped.get(key, 0) + 1
             continue
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         body.append([r["op"], r["shape"], r["dtype"], r["mode"], r["impl"] + ("*" if r["backend"] == "triton-interpreter" else ""),
                      _f(r["median_ms"], ".3f"), _f(r["gbps"], "adaptive"), _f(r["pct_copy_bw"], ".1f"),
                      _f(r["tflops"], "adaptive"), _f(r["speedup_vs_compile"], ".2f"), _f(r["peak_extra_mib"], ".0f"),
                      status])
+    notes = [f"skipped: {op} ({n} row{'s' if n > 1 else ''}): {why}" for (op, why), n in skipped.items()]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
+        return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
     widths[-1] = len(head[-1])
     fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, 1, 2, 3, 4, 11) else c.rjust(w)
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body] + notes)
 
 
 def format_fits(fit_rows: List[dict], markdown: bool = False) -> str:
@@ -586,7 +592,9 @@ def main(args) -> int:
         print(f"\nwrote {', '.join(written)} to {out}  ({result['meta']['elapsed_s']} s)")
     if bad:
         print(f"{len(bad)} measurement(s) wrong or failed: see the status column", file=sys.stderr)
-    return 1 if any(r["status"] == "wrong" for r in rows) else 0
+    # exit 1 when the library's own (fused) result is wrong; a wrong torch.compile of the
+    # reference is reported in the table but is not this library's failure
+    return 1 if any(r["status"] == "wrong" and r.get("impl") == "fused" for r in rows) else 0
 
 
 def _child(args) -> int:
