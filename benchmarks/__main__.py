@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="the CPU mode even when a GPU is present")
     p.add_argument("--cpu-tiny", action="store_true", help="the CPU mode at the tiniest shapes (CI)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="stop timing new rows after this many seconds (default 540 on GPU, 100 on CPU); "
+                   help="stop timing new rows after this many seconds (default 480 on GPU, 100 on CPU); "
                         "the rest are reported as skipped")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON result to FILE")
     p.add_argument("--interpreter-timeout-s", type=float, default=120.0, help=argparse.SUPPRESS)

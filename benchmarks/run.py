@@ -474,7 +474,7 @@ def main(args) -> int:
         print("No CUDA GPU found: running the small CPU mode (reference vs torch.compile on CPU, "
               "fused kernels under the Triton interpreter at a tiny shape) -- CPU numbers, not the GPU benchmark.")
     if args.budget_s is None:
-        args.budget_s = 540.0 if cuda else 100.0
+        args.budget_s = 480.0 if cuda else 100.0
     device = torch.device("cuda") if cuda else torch.device("cpu")
     runner = Runner(args, device)
     if cuda:
@@ -574,12 +574,12 @@ def main(args) -> int:
     bad = [r for r in rows if r["status"] in ("wrong", "error")]
 
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1))
+        Path(args.json_out).write_text(_dumps(result))
     if not args.no_write:
         out = Path(args.out) if args.out else ROOT / "results" / (
             f"{_slug(result['meta']['device'] if cuda else 'cpu')}-{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        (out / "results.json").write_text(_dumps(result))
         md = [f"# debias_ops benchmark — {result['meta']['device']}", "",
               f"torch {runner.env['torch']}, triton {runner.env['triton']}, {result['meta']['timestamp']}, "
               f"`{result['meta']['command']}`; {bw_note}.", "", format_table(rows, markdown=True)]
@@ -607,8 +607,23 @@ def _child(args) -> int:
     rows: List[dict] = []
     for op, shape, dtype, m in plan:
         rows += runner.run_case(op, shape, dtype, m, impls, progress)
-    Path(args.json_out).write_text(json.dumps({"rows": rows}))
+    Path(args.json_out).write_text(_dumps({"rows": rows}))
     return 0
+
+
+def _clean(obj):
+    """JSON-safe: non-finite floats (an infinite error ratio, a NaN fit) become null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _dumps(result: dict) -> str:
+    return json.dumps(_clean(result), indent=1, allow_nan=False)
 
 
 def _git_commit() -> Optional[str]:

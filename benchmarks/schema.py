@@ -25,7 +25,7 @@ OP_ROW_KEYS = {"shape": str, "dims": dict, "dtype": str, "mode": str, "impl": st
                "speedup_vs_compile": NUM, "peak_extra_mib": NUM, "first_call_s": NUM, "check": (dict, type(None)),
                "sweep": (dict, type(None))}
 FIT_KEYS = {"op": str, "param": str, "dtype": str, "impl": str, "device_kind": str, "points": int,
-            "values": list, "slope_ns_per_element": (int, float), "intercept_ms": (int, float), "r2": (int, float),
+            "values": list, "slope_ns_per_element": NUM, "intercept_ms": NUM, "r2": NUM,
             "ns_per_element_min": (int, float), "ns_per_element_max": (int, float)}
 
 

@@ -44,6 +44,7 @@ def cuda_event_bench(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: fl
     n_warmup = max(1, int(warmup_ms / estimate))
     n_rep = max(5, int(rep_ms / estimate))
     for _ in range(n_warmup):
+        _clear_grads(grad_to_none)
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
