@@ -117,3 +117,23 @@ def test_fit_line_and_compare():
     assert not compare([("out", ref[0][1][:-1])], ref, torch.float32)["ok"]
     assert not compare([], ref, torch.float32)["ok"]
     assert math.isinf(compare([], ref, torch.float32)["max_err_over_tol"])
+
+
+def test_goals_read_gpu_rows_only():
+    from benchmarks import goals
+
+    def row(**kw):
+        base = dict(kind="op", device_kind="cuda", op="suppress", shape="W48", dtype="bf16", impl="fused",
+                    mode="fwd+bwd", status="ok", median_ms=1.0, speedup_vs_compile=8.0, peak_extra_mib=700.0,
+                    floor_ms=0.625)
+        base.update(kw)
+        return base
+
+    res = {g["goal"]: g for g in goals.check([row(), row(op="class_drop", median_ms=0.8),
+                                             row(op="class_drop", shape="W18s", device_kind="cpu")])}
+    assert res["suppress W48 bf16 fwd+bwd time"]["status"] == "met"
+    assert res["suppress W48 bf16 fwd+bwd × vs torch.compile"]["status"] == "met"
+    assert res["class_drop W48 bf16 fwd+bwd / byte floor"]["status"] == "missed"   # 0.8 / 0.625 = 1.28 > 1.15
+    assert res["class_drop W18s bf16 fwd+bwd / byte floor"]["status"] == "not measured"  # a CPU row never counts
+    assert res["suppress W48 bf16 peak extra memory"]["value"] == pytest.approx(700.0 / (8 * 720 * 32768 * 2 / 2**20))
+    assert "[         met]" in goals.format_goals(goals.check([row()]))
