@@ -70,3 +70,27 @@ def test_pytest_suite_not_collected_by_tests():
     assert "testpaths = tests" in ini
     assert not list((ROOT / "tests").glob("*bench*suite*"))
     assert (ROOT / "benchmarks" / "test_bench.py").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_quick_smoke(tmp_path):
+    """On a GPU: the GPU mode runs end to end at one shape (no compile, no sweep)
+    and the fused rows pass their check against the reference."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from benchmarks import schema
+
+    out = tmp_path / "res"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--shapes", "W18s", "--ops", "suppress,class_drop,loss",
+           "--no-sweep", "--no-compile", "--no-progress", "--no-plots", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DEBIAS_OPS_BACKEND")}
+    proc = subprocess.run(cmd, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    schema.validate(result)
+    assert result["meta"]["device_kind"] == "cuda" and result["meta"]["copy_bandwidth_gbps"] > 100
+    fused = [r for r in result["rows"] if r["kind"] == "op" and r["impl"] == "fused"]
+    assert fused and all(r["status"] == "ok" and r["check"]["ok"] for r in fused), fused
+    assert all(r["peak_extra_mib"] is not None and r["pct_copy_bw"] > 0 for r in fused)
+    assert "goals" in result
