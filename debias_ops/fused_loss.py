@@ -59,6 +59,19 @@ def _grad_buffer(x: torch.Tensor, need: bool) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.preserve_format)
 
 
+def _interp_matrix(n_in: int, n_out: int, dtype, device) -> torch.Tensor:
+    """(n_out, n_in) matrix R of 1-D linear interpolation, align_corners=False (F.interpolate's
+    index math in fp32): up = R_H · x · R_Wᵀ. Built from aten ops only (traceable)."""
+    dst = torch.arange(n_out, device=device, dtype=torch.float32)
+    src = ((dst + 0.5) * (n_in / n_out) - 0.5).clamp_min(0.0)
+    i0 = src.floor().long().clamp_max(n_in - 1)
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    lam = (src - i0.to(torch.float32)).clamp(0.0, 1.0)
+    cols = torch.arange(n_in, device=device)
+    r = (cols[None, :] == i0[:, None]) * (1.0 - lam)[:, None] + (cols[None, :] == i1[:, None]) * lam[:, None]
+    return r.to(dtype)
+
+
 # ----------------------------------------------------------------------------- reference body (CPU, no interpreter)
 
 def _reference_fwd(logits, logits_drop, target, dropped, weight, lam, alpha, ignore_index, need_gx, need_gxd):
@@ -85,10 +98,12 @@ def _reference_fwd(logits, logits_drop, target, dropped, weight, lam, alpha, ign
     loss = lam * ce + (1.0 - lam) * ce_d + alpha * sup
     stats = torch.stack([loss, ce, ce_d, sup]).to(torch.float32)
 
-    def down(g):
+    def down(g):  # adjoint of the upsampling: Ryᵀ · g · Rx
         if tuple(g.shape[2:]) == (h, w):
             return g
-        return torch.ops.aten.upsample_bilinear2d_backward(g, list(size), [B, K, h, w], False, None, None)
+        ry = _interp_matrix(h, size[0], g.dtype, g.device)
+        rx = _interp_matrix(w, size[1], g.dtype, g.device)
+        return torch.einsum("Yi,bkYX,Xj->bkij", ry, g, rx)
 
     gx = _grad_buffer(logits, need_gx)
     if need_gx:
