@@ -115,7 +115,7 @@ def _loss_den_kernel(
     t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = t.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < H * W
+    m = offs < tl.cast(H, tl.int64) * W
     Y = offs // W
     X = offs - Y * W
     lbl = tl.load(y_ptr + b * syb + Y * syh + X * syw, mask=m, other=0).to(tl.int32)

@@ -218,6 +218,17 @@ def test_bad_labels_error():
         dops.dropclass_loss(x, xd, y, dropped, lam=0.5)
 
 
+@pytest.mark.kernel
+def test_empty_batch():
+    dev = kernel_device()
+    x = torch.randn(0, 3, 2, 3, device=dev, requires_grad=True)
+    xd = torch.randn(0, 3, 2, 3, device=dev, requires_grad=True)
+    y = torch.zeros(0, 5, 7, dtype=torch.long, device=dev)
+    out = dops.dropclass_loss(x, xd, y, None, lam=0.5)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and x.grad.shape == x.shape and xd.grad.shape == xd.shape
+
+
 # ----------------------------------------------------------------------------- op registration (reference body)
 
 def _op_args(device="cpu"):
