@@ -93,11 +93,25 @@ def _first_dst(i, scale, inv_scale, n_in, n_out):
 
 
 @triton.jit
-def _hrow(ptr, sk, base, koff_ok, off0, off1, mu, m2):
-    """Horizontally interpolated low-res row: (1−μ)·x[:, j0] + μ·x[:, j1] -> (BX, KP) fp32."""
-    a = tl.load(ptr + base + off0[:, None] + koff_ok, mask=m2, other=0.0).to(tl.float32)
-    c = tl.load(ptr + base + off1[:, None] + koff_ok, mask=m2, other=0.0).to(tl.float32)
-    return (1.0 - mu)[:, None] * a + mu[:, None] * c
+def _ix(v, IDX64: tl.constexpr):
+    """Offsets inside one sample: int32 (fewer registers) unless the host saw a sample span >= 2^31."""
+    if IDX64:
+        return v.to(tl.int64)
+    else:
+        return v
+
+
+@triton.jit
+def _hrow(ptr, base, koff, off0, off1, mu, m2, km):
+    """Horizontally interpolated low-res row in log2 units, log2(e)·((1−μ)·x[:, j0] + μ·x[:, j1]),
+    (BX, KP) fp32; padded classes get −1e30 (finite, so any λ-blend of two rows stays
+    finite, and exp2 of it is 0)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    row = ptr + base  # scalar pointer; per-element offsets are added once
+    a = tl.load(row + (off0[:, None] + koff), mask=m2, other=0.0).to(tl.float32)
+    c = tl.load(row + (off1[:, None] + koff), mask=m2, other=0.0).to(tl.float32)
+    v = ((1.0 - mu)[:, None] * a + mu[:, None] * c) * LOG2E
+    return tl.where(km[None, :], v, -1.0e30)
 
 
 # ----------------------------------------------------------------------------- pass 1: denominators
@@ -153,7 +167,7 @@ def _loss_main_kernel(
     scale_h, inv_scale_h, scale_w, inv_scale_w,
     lam, alpha, ignore_index,
     HAS_WEIGHT: tl.constexpr, NEED_GX: tl.constexpr, NEED_GXD: tl.constexpr,
-    KP: tl.constexpr, BX: tl.constexpr, CBP: tl.constexpr,
+    KP: tl.constexpr, BX: tl.constexpr, CBP: tl.constexpr, IDX64: tl.constexpr,
 ):
     """One (column block, row block, sample) of the fused loss; see the module docstring.
 
@@ -202,12 +216,12 @@ def _loss_main_kernel(
     kk = tl.arange(0, KP)
     km = kk < K
     m2 = xm[:, None] & km[None, :]
-    kx = (kk.to(tl.int64) * sxk)[None, :]
-    kd = (kk.to(tl.int64) * sdk_)[None, :]
-    ox0 = j0.to(tl.int64) * sxw
-    ox1 = j1.to(tl.int64) * sxw
-    od0 = j0.to(tl.int64) * sdw_
-    od1 = j1.to(tl.int64) * sdw_
+    kx = (_ix(kk, IDX64) * sxk)[None, :]
+    kd = (_ix(kk, IDX64) * sdk_)[None, :]
+    ox0 = _ix(j0, IDX64) * sxw
+    ox1 = _ix(j1, IDX64) * sxw
+    od0 = _ix(j0, IDX64) * sdw_
+    od1 = _ix(j1, IDX64) * sdw_
 
     # horizontal adjoint Wx[j, X] for the block's low-res columns
     jj = j_s + tl.arange(0, CBP)
@@ -219,12 +233,12 @@ def _loss_main_kernel(
     dvec = tl.load(drop_ptr + b * smb + kk.to(tl.int64) * smk, mask=km, other=0)
     dvec = (dvec != 0).to(tl.float32)
 
-    y_row = y_ptr + b * syb + X.to(tl.int64) * syw
+    y_col = _ix(X, IDX64) * syw
 
     # running state
     i_first = tl.maximum(i_s - 1, 0)
-    top = _hrow(x_ptr, sxk, b * sxb + tl.cast(i_first, tl.int64) * sxh, kx, ox0, ox1, mu, m2)
-    topd = _hrow(xd_ptr, sdk_, b * sdb_ + tl.cast(i_first, tl.int64) * sdh_, kd, od0, od1, mu, m2)
+    top = _hrow(x_ptr, b * sxb + tl.cast(i_first, tl.int64) * sxh, kx, ox0, ox1, mu, m2, km)
+    topd = _hrow(xd_ptr, b * sdb_ + tl.cast(i_first, tl.int64) * sdh_, kd, od0, od1, mu, m2, km)
     carry = tl.zeros((BX, KP), dtype=tl.float32)
     carryd = tl.zeros((BX, KP), dtype=tl.float32)
     num = tl.zeros((BX,), dtype=tl.float32)
@@ -234,8 +248,8 @@ def _loss_main_kernel(
 
     for i in range(i_first, i_e):
         i1 = tl.minimum(i + 1, h - 1)
-        bot = _hrow(x_ptr, sxk, b * sxb + tl.cast(i1, tl.int64) * sxh, kx, ox0, ox1, mu, m2)
-        botd = _hrow(xd_ptr, sdk_, b * sdb_ + tl.cast(i1, tl.int64) * sdh_, kd, od0, od1, mu, m2)
+        bot = _hrow(x_ptr, b * sxb + tl.cast(i1, tl.int64) * sxh, kx, ox0, ox1, mu, m2, km)
+        botd = _hrow(xd_ptr, b * sdb_ + tl.cast(i1, tl.int64) * sdh_, kd, od0, od1, mu, m2, km)
         acc = carry
         accd = carryd
         carry = tl.zeros((BX, KP), dtype=tl.float32)
@@ -244,10 +258,10 @@ def _loss_main_kernel(
         own = (own_x & ((X * 0 + i) >= i_s)).to(tl.float32)
         same = i1 == i
         for Y in range(y_beg, y_end):
+            # weight λ of row i1 (0 when i1 = i: then row i takes all of it)
             lmb = tl.minimum(tl.maximum(_src_coord(Y, scale_h) - tl.cast(i, tl.float32), 0.0), 1.0)
-            wa = tl.where(same, 1.0, 1.0 - lmb)
-            wb = tl.where(same, 0.0, lmb)
-            lbl = tl.load(y_row + tl.cast(Y, tl.int64) * syh, mask=xm, other=0).to(tl.int32)
+            lmb = tl.where(same, 0.0, lmb)
+            lbl = tl.load((y_ptr + (b * syb + tl.cast(Y, tl.int64) * syh)) + y_col, mask=xm, other=0).to(tl.int32)
             valid = xm & (lbl != ignore_index)
             yc = tl.where(valid, lbl, 0)
             if HAS_WEIGHT:
@@ -259,54 +273,52 @@ def _loss_main_kernel(
             wtd = tl.where(hit != 0, 0.0, wt)
             onehot = kk[None, :] == yc[:, None]
 
-            # branch 1: logits
-            z = (1.0 - lmb) * top + lmb * bot
-            z = tl.where(km[None, :], z, float("-inf"))
+            # branch 1: logits (z in log2 units)
+            z = top + lmb * (bot - top)
             zmax = tl.max(z, axis=1)
-            e = tl.exp2((z - zmax[:, None]) * LOG2E)
+            e = tl.exp2(z - zmax[:, None])
             s = tl.sum(e, axis=1)
             zy = tl.sum(tl.where(onehot, z, 0.0), axis=1)
-            nll = zmax + tl.log2(s) * LN2 - zy
-            num += own * wt * nll
+            num += own * wt * ((zmax + tl.log2(s) - zy) * LN2)
             if NEED_GX:
-                g = (e * (1.0 / s)[:, None] - onehot.to(tl.float32)) * (wt * c_ce)[:, None]
-                acc += wa * g
-                carry += wb * g
+                cw = wt * c_ce
+                g = e * (cw / s)[:, None] - tl.where(onehot, cw[:, None], 0.0)
+                acc += g  # row i gets Σ(1−λ)g = acc − carry at the flush
+                carry += lmb * g
 
             # branch 2: logits_drop, labels of dropped classes ignored
-            zd = (1.0 - lmb) * topd + lmb * botd
-            zd = tl.where(km[None, :], zd, float("-inf"))
+            zd = topd + lmb * (botd - topd)
             zdmax = tl.max(zd, axis=1)
-            ed = tl.exp2((zd - zdmax[:, None]) * LOG2E)
+            ed = tl.exp2(zd - zdmax[:, None])
             sd = tl.sum(ed, axis=1)
             zdy = tl.sum(tl.where(onehot, zd, 0.0), axis=1)
-            nlld = zdmax + tl.log2(sd) * LN2 - zdy
-            numd += own * wtd * nlld
+            numd += own * wtd * ((zdmax + tl.log2(sd) - zdy) * LN2)
             if NEED_GXD:
-                gd = (ed * (1.0 / sd)[:, None] - onehot.to(tl.float32)) * (wtd * c_ced)[:, None]
-                accd += wa * gd
-                carryd += wb * gd
+                cwd = wtd * c_ced
+                gd = ed * (cwd / sd)[:, None] - tl.where(onehot, cwd[:, None], 0.0)
+                accd += gd
+                carryd += lmb * gd
 
         # low-res row i is complete (when it is one of ours): horizontal adjoint + store
         row_ok = (jj * 0 + i) >= i_s  # (CBP,) vector: scalar bools mix badly with masks in the interpreter
         sm = (jm & row_ok)[:, None] & km[None, :]
         if NEED_GX:
-            gx = tl.dot(wx, acc, input_precision="ieee")
-            gx_off = b * sgb + tl.cast(i, tl.int64) * sgh + jj.to(tl.int64)[:, None] * sgw + (kk.to(tl.int64) * sgk)[None, :]
-            tl.store(gx_ptr + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=sm)
+            gx = tl.dot(wx, acc - carry, input_precision="ieee")
+            gx_off = _ix(jj, IDX64)[:, None] * sgw + (_ix(kk, IDX64) * sgk)[None, :]
+            tl.store((gx_ptr + (b * sgb + tl.cast(i, tl.int64) * sgh)) + gx_off, gx.to(gx_ptr.dtype.element_ty), mask=sm)
         # suppression term on the low-resolution logits_drop of row i
-        q = tl.load(xd_ptr + b * sdb_ + tl.cast(i, tl.int64) * sdh_ + jj.to(tl.int64)[:, None] * sdw_ + kd,
+        sq = tl.load((xd_ptr + (b * sdb_ + tl.cast(i, tl.int64) * sdh_)) + (_ix(jj, IDX64)[:, None] * sdw_ + kd),
                     mask=jm[:, None] & km[None, :], other=0.0).to(tl.float32)
-        q = tl.where(km[None, :], q, float("-inf"))
-        qe = tl.exp2((q - tl.max(q, axis=1)[:, None]) * LOG2E)
-        q = qe / tl.sum(qe, axis=1)[:, None]
-        dq = tl.sum(q * dvec[None, :], axis=1)
+        sq = tl.where(km[None, :], sq, float("-inf"))
+        qe = tl.exp2((sq - tl.max(sq, axis=1)[:, None]) * LOG2E)
+        sq = qe / tl.sum(qe, axis=1)[:, None]
+        dq = tl.sum(sq * dvec[None, :], axis=1)
         sup_acc += tl.where(jm & row_ok, dq, 0.0)
         if NEED_GXD:
-            gxd = tl.dot(wx, accd, input_precision="ieee")
-            gxd += c_sup * q * (dvec[None, :] - dq[:, None])
-            gd_off = b * shb + tl.cast(i, tl.int64) * shh + jj.to(tl.int64)[:, None] * shw + (kk.to(tl.int64) * shk)[None, :]
-            tl.store(gxd_ptr + gd_off, gxd.to(gxd_ptr.dtype.element_ty), mask=sm)
+            gxd = tl.dot(wx, accd - carryd, input_precision="ieee")
+            gxd += c_sup * sq * (dvec[None, :] - dq[:, None])
+            gd_off = _ix(jj, IDX64)[:, None] * shw + (_ix(kk, IDX64) * shk)[None, :]
+            tl.store((gxd_ptr + (b * shb + tl.cast(i, tl.int64) * shh)) + gd_off, gxd.to(gxd_ptr.dtype.element_ty), mask=sm)
         top = bot
         topd = botd
         y_beg = y_end
@@ -381,6 +393,12 @@ def plan(K: int, h: int, w: int, H: int, W: int, interpret: bool = False) -> dic
     return dict(KP=KP, BX=BX, CB=CB, CBP=CBP, RB=RB, num_warps=num_warps)
 
 
+def _needs_int64(*tensors) -> bool:
+    """Whether an offset inside one sample (all dims but the batch) can reach 2^31."""
+    span = max(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) for t in tensors)
+    return span + 64 >= 2 ** 31
+
+
 def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: float, alpha: float,
                           ignore_index: int, need_gx: bool, need_gxd: bool, gx, gxd, wrap=None):
     """Run the three passes; returns stats (4,) fp32 = (loss, CE, CE', sup).
@@ -430,7 +448,8 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
             float(h) / H, float(H) / h, float(w) / W, float(W) / w,
             float(lam), float(alpha), int(ignore_index),
             HAS_WEIGHT=weight is not None, NEED_GX=bool(need_gx), NEED_GXD=bool(need_gxd),
-            KP=P["KP"], BX=P["BX"], CBP=P["CBP"], num_warps=P["num_warps"],
+            KP=P["KP"], BX=P["BX"], CBP=P["CBP"], IDX64=_needs_int64(logits, logits_drop, target, gx_, gxd_),
+            num_warps=P["num_warps"],
         )
 
     # pass 3: totals
