@@ -310,8 +310,8 @@ def _loss_main_kernel(
 # ----------------------------------------------------------------------------- pass 3: totals
 
 @triton.jit
-def _loss_final_kernel(part_ptr, den_ptr, out_ptr, n_part, h, w, lam, alpha, BLOCK: tl.constexpr):
-    """out = (loss, CE, CE', sup) from both branches' partials (part: (2, n_part, 2)),
+def _loss_final_kernel(part0_ptr, part1_ptr, den_ptr, out_ptr, n_part, h, w, lam, alpha, BLOCK: tl.constexpr):
+    """out = (loss, CE, CE', sup) from both branches' partials ((n_part, 2) each),
     summed in a fixed order."""
     acc0 = tl.zeros((BLOCK,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -319,9 +319,9 @@ def _loss_final_kernel(part_ptr, den_ptr, out_ptr, n_part, h, w, lam, alpha, BLO
     for start in range(0, n_part, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n_part
-        acc0 += tl.load(part_ptr + offs * 2, mask=m, other=0.0)
-        acc1 += tl.load(part_ptr + (n_part + offs) * 2, mask=m, other=0.0)
-        acc2 += tl.load(part_ptr + (n_part + offs) * 2 + 1, mask=m, other=0.0)
+        acc0 += tl.load(part0_ptr + offs * 2, mask=m, other=0.0)
+        acc1 += tl.load(part1_ptr + offs * 2, mask=m, other=0.0)
+        acc2 += tl.load(part1_ptr + offs * 2 + 1, mask=m, other=0.0)
     D = tl.load(den_ptr)
     Dd = tl.load(den_ptr + 1)
     nd = tl.load(den_ptr + 2)
@@ -418,7 +418,8 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
     n_pc = triton.cdiv(w, P["CB"])
     n_pr = triton.cdiv(h, P["RB"])
     n_part = B * n_pr * n_pc
-    part = torch.zeros((2, max(n_part, 1), 2), dtype=torch.float32, device=dev)
+    alloc = torch.empty if n_part > 0 else torch.zeros  # every program writes its row
+    parts = [alloc((max(n_part, 1), 2), dtype=torch.float32, device=dev) for _ in range(2)]
     extra = {}
     if dev.type == "cuda" and not torch.compiler.is_compiling():
         extra["maxnreg"] = P["maxnreg"]  # not a launch option wrap_triton forwards under torch.compile
@@ -426,7 +427,7 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
         for branch, x, g, need, coef in ((0, logits, gx, need_gx, lam), (1, logits_drop, gxd, need_gxd, 1.0 - lam)):
             g_ = g if need else x
             W_(_loss_main_kernel)[(n_pc, n_pr, B)](
-                x, target, drop_u8, wc, den, g_, part[branch],
+                x, target, drop_u8, wc, den, g_, parts[branch],
                 K, h, w, H, W, P["CB"], P["RB"],
                 *x.stride(), *target.stride(), *g_.stride(),
                 drop_u8.stride(0), drop_u8.stride(1), swc,
@@ -439,5 +440,5 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
 
     # pass 3: totals
     stats = torch.empty(4, dtype=torch.float32, device=dev)
-    W_(_loss_final_kernel)[(1,)](part, den, stats, max(n_part, 1), h, w, float(lam), float(alpha), BLOCK=256)
+    W_(_loss_final_kernel)[(1,)](parts[0], parts[1], den, stats, max(n_part, 1), h, w, float(lam), float(alpha), BLOCK=256)
     return stats
