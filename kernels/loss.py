@@ -372,8 +372,20 @@ def plan(K: int, h: int, w: int, H: int, W: int, interpret: bool = False) -> dic
     # alone takes ~150 registers at 8 warps for (32, 64): cap it at 128 so two
     # programs fit an SM (no spills at that cap for sm_90, checked with ptxas -v)
     num_warps = PLAN_OVERRIDE.get("num_warps", 4 if BX * KP <= 1024 else 8)
-    maxnreg = PLAN_OVERRIDE.get("maxnreg", 128)
+    # (large K: tiles this big spill anyway, let ptxas choose)
+    maxnreg = PLAN_OVERRIDE.get("maxnreg", 128 if BX * KP <= 2048 else None)
     return dict(KP=KP, BX=BX, CB=CB, CBP=CBP, RB=RB, num_warps=num_warps, maxnreg=maxnreg)
+
+
+def _traced(wrap) -> bool:
+    """Whether wrap_triton is turning launches into graph nodes (torch.compile / export)."""
+    if wrap is None:
+        return False
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - older torch
+        return torch.compiler.is_compiling()
+    return bool(is_wrap_triton_enabled()) or torch.compiler.is_compiling()
 
 
 def _needs_int64(*tensors) -> bool:
@@ -421,8 +433,8 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
     alloc = torch.empty if n_part > 0 else torch.zeros  # every program writes its row
     parts = [alloc((max(n_part, 1), 2), dtype=torch.float32, device=dev) for _ in range(2)]
     extra = {}
-    if dev.type == "cuda" and not torch.compiler.is_compiling():
-        extra["maxnreg"] = P["maxnreg"]  # not a launch option wrap_triton forwards under torch.compile
+    if dev.type == "cuda" and P["maxnreg"] is not None and not _traced(wrap):
+        extra["maxnreg"] = P["maxnreg"]  # not a launch option wrap_triton forwards when traced
     if n_part > 0:
         for branch, x, g, need, coef in ((0, logits, gx, need_gx, lam), (1, logits_drop, gxd, need_gxd, 1.0 - lam)):
             g_ = g if need else x

