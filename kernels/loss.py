@@ -446,7 +446,7 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
                 float(h) / H, float(H) / h, float(w) / W, float(W) / w,
                 float(coef), float(alpha), int(ignore_index),
                 BRANCH=branch, HAS_WEIGHT=weight is not None, NEED_G=bool(need),
-                KP=P["KP"], BX=P["BX"], CBP=P["CBP"], IDX64=_needs_int64(x, target, g_),
+                KP=P["KP"], BX=P["BX"], CBP=P["CBP"], IDX64=bool(PLAN_OVERRIDE.get("IDX64")) or _needs_int64(x, target, g_),
                 num_warps=P["num_warps"], **extra,
             )
 

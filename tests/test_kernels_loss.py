@@ -177,6 +177,24 @@ def test_many_blocks_and_sum_backward(monkeypatch):
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("seed", range(4))
+def test_random_ratios_int64_offsets(seed, monkeypatch):
+    """Random sizes (up, down, mixed, 1-pixel) with random block sizes, on the int64-offset path."""
+    dev = kernel_device()
+    from debias_ops import fused_loss
+    kmod = fused_loss._loss_kernels()
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    monkeypatch.setitem(kmod.PLAN_OVERRIDE, "IDX64", True)
+    monkeypatch.setitem(kmod.PLAN_OVERRIDE, "RB", r(1, 4))
+    monkeypatch.setitem(kmod.PLAN_OVERRIDE, "CB", r(1, 4))
+    h, w = r(1, 7), r(1, 7)
+    H, W = r(1, 19), r(1, 19)
+    x, xd, y, wt, dropped = _inputs(2, r(2, 6), h, w, H, W, weight=bool(seed % 2), device=dev)
+    _check(x, xd, y, dropped, weight=wt, lam=0.3, grad_scale=1.3)
+
+
+@pytest.mark.kernel
 def test_grad_only_where_needed_and_no_grad():
     dev = kernel_device()
     x, xd, y, _, dropped = _inputs(2, 3, 3, 3, 6, 6, device=dev)
