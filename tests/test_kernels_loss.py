@@ -318,7 +318,9 @@ def test_gpu_cityscapes_parity(dtype):
     """B=2 of the benchmark shape: K=19, 128×256 logits, 512×1024 labels."""
     dev = _cuda()
     x, xd, y, wt, dropped = _inputs(2, 19, 128, 256, 512, 1024, dtype=dtype, weight=True, device=dev)
-    _check(x, xd, y, dropped, weight=wt, grad_scale=0.7)
+    # the CE gradients scale as 1/(1M weighted pixels): a loss gradient of 1e5 makes them O(1e-1),
+    # where the fixed atol of helpers.TOL no longer hides a wrong gradient
+    _check(x, xd, y, dropped, weight=wt, grad_scale=1e5)
 
 
 @pytest.mark.gpu
