@@ -19,8 +19,9 @@ Memory: in eager mode the backward scales the stored gradient *in place* and
 hands that buffer to autograd (dropping its own reference so AccumulateGrad can
 take it without a copy): peak extra memory is one low-resolution gradient per
 input, not two. The price: a second backward through the same graph
-(``retain_graph=True``) raises a RuntimeError. Under torch.compile / tracing
-the backward is the out-of-place product (Inductor reuses the buffer itself).
+(``retain_graph=True``) raises a RuntimeError. Under torch.compile / tracing,
+or with ``create_graph=True``, the backward is the out-of-place product.
+No second derivative: the stored gradient is a constant for double backward.
 
 Registration: ``torch.library.triton_op`` + ``wrap_triton`` (torch >= 2.6),
 else ``custom_op`` + ``register_fake``. The op body sends CPU tensors to the
@@ -163,7 +164,9 @@ def _scale(ctx, i: int, g: torch.Tensor) -> Optional[torch.Tensor]:
             "debias_ops.dropclass_loss: backward through the same loss twice is not supported "
             "(its stored gradients are consumed by the first backward; recompute the loss)")
     eager = not torch.compiler.is_compiling() and type(buf) is torch.Tensor and type(g) is torch.Tensor
-    if eager:
+    # create_graph=True (grad mode on in the backward): out of place, the buffer stays usable;
+    # the stored gradient is a constant there (no second derivative through the loss)
+    if eager and not torch.is_grad_enabled():
         ctx.grads[i] = None
         return buf.mul_(g)  # buf is ours (the op's output), never a user's tensor
     return buf * g
