@@ -367,10 +367,9 @@ def plan(K: int, h: int, w: int, H: int, W: int, interpret: bool = False) -> dic
     CBP = max(16, _next_pow2(CB))
     RB = PLAN_OVERRIDE.get("RB", 3 if interpret else 8)
     RB = max(1, min(RB, h))
-    # 8 fp32 (BX, KP) tiles live across the row loop: ≈ 8·BX·KP / (32·warps) registers per thread
     # 4 fp32 (KP, BX) tiles live across the row loop (top, bot, acc, carry); ptxas
-    # alone takes ~150 registers at 8 warps for (32, 64): cap it at 128 so two
-    # programs fit an SM (no spills at that cap for sm_90, checked with ptxas -v)
+    # alone takes 152 (BRANCH 0) / 180 (BRANCH 1) registers at 8 warps for (32, 64):
+    # cap at 128 so two programs fit an SM (sm_90 ptxas -v: 0 / 12 bytes of spill)
     num_warps = PLAN_OVERRIDE.get("num_warps", 4 if BX * KP <= 1024 else 8)
     # (large K: tiles this big spill anyway, let ptxas choose)
     maxnreg = PLAN_OVERRIDE.get("maxnreg", 128 if BX * KP <= 2048 else None)
