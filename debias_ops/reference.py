@@ -185,7 +185,7 @@ def drop_labels(target: torch.Tensor, dropped: torch.Tensor, ignore_index: int) 
     B, K = dropped.shape
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target)).long().clamp(0, K - 1)
-    hit = dropped.gather(1, y.reshape(B, -1)).reshape(target.shape) & valid
+    hit = dropped.gather(1, y.flatten(1)).reshape(target.shape) & valid  # flatten: B = 0 works
     return torch.where(hit, torch.full_like(target, ignore_index), target)
 
 
