@@ -1,0 +1,478 @@
+"""Batch moments of SPEC §2 (means, C×C Gram, K×C cross term) in one reduction pass.
+
+``batch_moments(feats, class_logits) -> (a_mean (C,), l_mean (K,), G (C, C), X (K, C))``,
+all float32, the contract of ``debias_ops.reference.batch_moments``:
+
+    M      = B·N positions (N = H·W), A viewed as (C, M), L as (K, M)
+    Ā[c]   = (1/M) Σ_m A[c, m]              L̄[j] = (1/M) Σ_m L[j, m]
+    G[c,c'] = (1/M) Σ_m (A[c,m] − Ā[c]) (A[c',m] − Ā[c'])
+    X[j,c]  = (1/M) Σ_m (L[j,m] − L̄[j]) (A[c,m] − Ā[c])
+    B = 0 (M = 0): every statistic is 0.
+
+No gradient (SPEC §2: the fitted importance is a batch constant), so there is
+no backward kernel; the gradient math of the op that uses these statistics
+lives in ``debias_ops.fused_selection`` (dA = dOut·g).
+
+Algorithm
+---------
+Two launches, no host sync, no N-sized intermediate:
+
+1. ``_moments_partial_kernel``, grid (tiles, P). The statistics are a
+   "syrk" ``Z Zᵀ`` with a huge reduction axis (the M positions). A tile is
+   either an upper-triangle Gram tile (I ≤ J, BLOCK_C × BLOCK_C; G is
+   symmetric, the lower triangle is mirrored at the end) or a cross tile
+   Xᵀ (A block J × L block, BLOCK_C × BLOCK_K: A is the wide operand so the
+   tensor-core M dimension is ≥ 64 even for K = 19). The position axis is
+   split into P contiguous ranges of (image b, BLOCK_N-block) pairs (a block
+   never straddles two images); program (t, p) accumulates its tile over its
+   range with ``tl.dot`` into fp32 registers and writes one fp32 partial.
+   Programs are launched tile-fastest, so the ~tiles programs that share a
+   position range run together and A is fetched from DRAM about once (the
+   re-reads of a range by the other tiles of its row/column hit L2).
+   Per-channel sums (for the means) are taken only where needed: by the
+   diagonal Gram tiles (A sums of block I) and by the cross tiles of A block
+   0 (L sums), so the other tiles do no CUDA-core work beside the dot.
+2. ``_moments_reduce_kernel``, grid (tiles,): sums the P partials of each
+   tile in a fixed order in float64 (deterministic: no atomics, the same
+   bits on every run), removes the mean, scales by 1/M, writes G (both
+   triangles, bitwise symmetric), X, Ā and L̄ in float32.
+
+Numerics (error analysis)
+-------------------------
+One-pass centred moments suffer cancellation: E[aaᵀ] − ĀĀᵀ loses about
+log2(1 + μ²/σ²) bits when |μ| ≫ σ. Two regimes, picked per operand pair:
+
+* **16-bit operands of one dtype (bf16·bf16, fp16·fp16), "raw" mode.** The
+  products of two 16-bit floats are exact in fp32 (8+8 resp. 11+11 mantissa
+  bits ≤ 24), so the dot runs on the raw values and the only error is fp32
+  accumulation. Shifting the values before the dot would need a rounding
+  back to 16 bits (a − s is exact only where s/2 ≤ a ≤ 2s) and would make
+  products inexact, so no shift is applied in the dot; the centring is done
+  in float64 in the reduce. A program's partial Σ a a' over n_p positions
+  is a sum of r = n_p/16 tensor-core k-steps at magnitude ≲ n_p(μ² + σ²),
+  so its error is ≈ u·n_p(μ² + σ²)·√r (u = 2⁻²⁴, random rounding); the
+  P partials' errors are independent and are added in float64, so
+
+      |ΔG| / σ²  ≈  u · (1 + μ²/σ²) · √(r / P)   (per entry, σ² ~ |G|)
+
+  e.g. W48 (n_p = 16384, r = 1024, P = 16), μ/σ = 10: ≈ 6e-8·101·8 = 5e-5;
+  μ/σ ≤ 1 (post-ReLU features): ≈ 1e-6. A per-super-block correction in
+  the loop (subtract the shift's rank-1 terms every R blocks) would bring
+  the first figure to ~2e-6 at ~10% more CUDA-core work; not done (see
+  benchmarks/NOTES_moments.md).
+* **Any fp32 operand (fp32 feats, or mixed dtypes for the cross term),
+  "shift" mode.** Both operands are loaded to fp32 and shifted by a
+  per-channel shift s = the value at the first position (b = 0, n = 0),
+  identical in every program: x = a − s (exact by Sterbenz where
+  s/2 ≤ a ≤ 2s, else rounding u|a − s|), then ``tl.dot`` with
+  ``input_precision="tf32x3"`` (≈ 2⁻²¹ relative per product, split
+  hi·hi + hi·lo + lo·hi) or ``"ieee"``. The accumulators hold Σ(a−s)(a'−s')
+  of magnitude n(σ² + (μ−s)²), so
+
+      |ΔG| / σ²  ≈  (u_dot + u·√(r/P)) · (1 + (μ − s)²/σ²)
+
+  with (μ − s)²/σ² ~ 1 for a sample s (χ²₁), independent of |μ|. The
+  reduce forms G = S₂/M − d dᵀ with d = S₁/M = Ā − s in float64.
+
+Means: Ā = s + S₁/M with S₁ = Σ(a − s) accumulated in fp32 per program
+(error ≲ u·n_p·(|μ − s| + σ)·√(n_p/BLOCK_N)), added in float64.
+
+Layout: A is read through its strides as (B, C, H, W) (N-contiguous NCHW,
+C-contiguous channels_last, or any view) with int64 offsets; when H and W
+merge into one axis of stride s_w (NCHW, channels_last, or a last-axis
+slice) the kernel uses n·s_w, else it splits n = h·W + w. ``feats`` and
+``class_logits`` may have different dtypes and layouts.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def default_fp32_precision() -> str:
+    """"tf32x3" where this Triton's NVIDIA backend accepts it (3.6–3.9 do), else "ieee"."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        allowed = tuple(x.lower() for x in CUDAOptions.allowed_dot_input_precisions)
+    except Exception:  # pragma: no cover - other backends / layouts of triton
+        allowed = ("ieee",)
+    return "tf32x3" if "tf32x3" in allowed else "ieee"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _pick_block_c(C: int) -> int:
+    """GPU default: the BLOCK_C in (128, 64) with the least padded upper-triangle
+    area (ties to the larger block: more reuse per loaded byte)."""
+    best, best_area = 128, None
+    for bc in (128, 64):
+        nb = triton.cdiv(C, bc)
+        area = nb * (nb + 1) // 2 * bc * bc
+        if best_area is None or area < best_area:
+            best, best_area = bc, area
+    return min(best, max(16, _next_pow2(C)))
+
+
+def _spatial(x: torch.Tensor):
+    """(H, W, s_h, s_w, merged) of a (B, C, *spatial) tensor; merged when n·s_w addresses it."""
+    if x.dim() == 2:
+        return 1, 1, 0, 0, True
+    if x.dim() == 3:
+        return 1, x.shape[2], 0, x.stride(2), True
+    H, W = x.shape[2], x.shape[3]
+    sh, sw = x.stride(2), x.stride(3)
+    if H == 1:
+        return 1, W, 0, sw, True
+    if W == 1:
+        return 1, H, 0, sh, True
+    if sh == W * sw:
+        return 1, H * W, 0, sw, True
+    return H, W, sh, sw, False
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _load_tile(ptr, s_b, s_c, s_h, s_w, b, chan, n, nmask, n_chan, Wd,
+               CHAN_AXIS: tl.constexpr, MERGED: tl.constexpr):
+    """Tile of one image b: channels ``chan`` × positions ``n`` (channels on
+    axis CHAN_AXIS of the result), masked to 0 outside; raw dtype."""
+    if MERGED:
+        noff = n.to(tl.int64) * s_w
+    else:
+        noff = (n // Wd).to(tl.int64) * s_h + (n % Wd).to(tl.int64) * s_w
+    coff = chan.to(tl.int64) * s_c
+    cm = chan < n_chan
+    base = ptr + b.to(tl.int64) * s_b
+    if CHAN_AXIS == 0:
+        return tl.load(base + coff[:, None] + noff[None, :], mask=cm[:, None] & nmask[None, :], other=0.0)
+    else:
+        return tl.load(base + noff[:, None] + coff[None, :], mask=nmask[:, None] & cm[None, :], other=0.0)
+
+
+@triton.jit
+def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0,
+                     c_ptr, c_sb, c_sc, c_sh, c_sw, C_CH, c0,
+                     q_lo, q_hi, NB, N, Wd,
+                     BR: tl.constexpr, BCOL: tl.constexpr, BN: tl.constexpr,
+                     SHIFT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                     SUM_R: tl.constexpr, SUM_C: tl.constexpr,
+                     R_MERGED: tl.constexpr, C_MERGED: tl.constexpr):
+    """acc[r, c] = Σ_m x_r[m] y_c[m] over the position blocks [q_lo, q_hi),
+    x = rows (channels r0 + [0, BR) of r_ptr), y = cols (c0 + [0, BCOL) of c_ptr);
+    SHIFT: x = a − a[first position] in fp32 (else raw values, exact products);
+    also Σ_m x (SUM_R) and Σ_m y (SUM_C)."""
+    rch = r0 + tl.arange(0, BR)
+    cch = c0 + tl.arange(0, BCOL)
+    nn = tl.arange(0, BN)
+    acc = tl.zeros((BR, BCOL), dtype=tl.float32)
+    sum_r = tl.zeros((BR,), dtype=tl.float32)
+    sum_c = tl.zeros((BCOL,), dtype=tl.float32)
+    if SHIFT:
+        # per-channel shift: the value at (b = 0, n = 0), the same in every program
+        sr = tl.load(r_ptr + rch.to(tl.int64) * r_sc, mask=rch < R_CH, other=0.0).to(tl.float32)
+        sc = tl.load(c_ptr + cch.to(tl.int64) * c_sc, mask=cch < C_CH, other=0.0).to(tl.float32)
+    for q in range(q_lo, q_hi):
+        b = q // NB
+        n = (q - b * NB) * BN + nn
+        nmask = n < N
+        x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nmask, R_CH, Wd, 0, R_MERGED)
+        y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nmask, C_CH, Wd, 1, C_MERGED)
+        if SHIFT:
+            xm = (rch < R_CH)[:, None] & nmask[None, :]
+            ym = nmask[:, None] & (cch < C_CH)[None, :]
+            x = tl.where(xm, x.to(tl.float32) - sr[:, None], 0.0)
+            y = tl.where(ym, y.to(tl.float32) - sc[None, :], 0.0)
+            acc = tl.dot(x, y, acc, input_precision=PREC)
+        elif DOT_F32:
+            # the Triton 3.9 interpreter multiplies bf16 tiles as their uint16 bits:
+            # there, widen (exactly) to fp32 and multiply in IEEE fp32 (exact products)
+            acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
+        if SUM_R:
+            sum_r += tl.sum(x.to(tl.float32), axis=1)
+        if SUM_C:
+            sum_c += tl.sum(y.to(tl.float32), axis=0)
+    return acc, sum_r, sum_c
+
+
+@triton.jit
+def _moments_partial_kernel(
+    a_ptr, l_ptr, gpart_ptr, xpart_ptr, sa_ptr, sl_ptr,
+    C, K, N, Wd, NB, Q_TOTAL, Q_PER,
+    a_sb, a_sc, a_sh, a_sw,
+    l_sb, l_sc, l_sh, l_sw,
+    N_CB, N_GT, N_KB,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    G_SHIFT: tl.constexpr, X_SHIFT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    A_MERGED: tl.constexpr, L_MERGED: tl.constexpr,
+):
+    """Partial moments of one tile over one range of positions (see module doc).
+
+    Gram tile t < N_GT, (I, J) with I ≤ J:
+        gpart[p, t] = Σ_{m in range p} x_I[m] x_Jᵀ[m]      (BLOCK_C × BLOCK_C)
+        and, when I == J, sa[p, I] = Σ x_I[m]               (BLOCK_C)
+    Cross tile t = N_GT + J·N_KB + kb:
+        xpart[p, J·N_KB + kb] = Σ x_J[m] y_kbᵀ[m]           (BLOCK_C × BLOCK_K)
+        and, when J == 0, sl[p, kb] = Σ y_kb[m]             (BLOCK_K)
+    x = A (raw, or A − A[:, first] in G_SHIFT/X_SHIFT mode), y = L likewise.
+    """
+    t = tl.program_id(0)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
+    q_lo = p * Q_PER
+    q_hi = tl.minimum(q_lo + Q_PER, Q_TOTAL)
+    rr = tl.arange(0, BLOCK_C)
+    if t < N_GT:
+        # upper-triangle tile index -> (I, J), row-major over I ≤ J
+        i = t * 0
+        rem = t
+        while rem >= N_CB - i:
+            rem -= N_CB - i
+            i += 1
+        j = i + rem
+        cc = tl.arange(0, BLOCK_C)
+        out = gpart_ptr + ((p.to(tl.int64) * N_GT + t) * BLOCK_C) * BLOCK_C
+        if i == j:
+            acc, s_r, s_c = _tile_accumulate(
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
+                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
+                G_SHIFT, PREC, DOT_F32, True, False, A_MERGED, A_MERGED)
+            tl.store(sa_ptr + (p.to(tl.int64) * N_CB + i) * BLOCK_C + rr, s_r)
+        else:
+            acc, s_r, s_c = _tile_accumulate(
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
+                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
+                G_SHIFT, PREC, DOT_F32, False, False, A_MERGED, A_MERGED)
+        tl.store(out + rr[:, None] * BLOCK_C + cc[None, :], acc)
+    else:
+        u = t - N_GT
+        j = u // N_KB
+        kb = u - j * N_KB
+        kk = tl.arange(0, BLOCK_K)
+        out = xpart_ptr + ((p.to(tl.int64) * (N_CB * N_KB) + u) * BLOCK_C) * BLOCK_K
+        if j == 0:
+            acc, s_r, s_c = _tile_accumulate(
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
+                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K,
+                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                X_SHIFT, PREC, DOT_F32, False, True, A_MERGED, L_MERGED)
+            tl.store(sl_ptr + (p.to(tl.int64) * N_KB + kb) * BLOCK_K + kk, s_c)
+        else:
+            acc, s_r, s_c = _tile_accumulate(
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
+                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K,
+                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                X_SHIFT, PREC, DOT_F32, False, False, A_MERGED, L_MERGED)
+        tl.store(out + rr[:, None] * BLOCK_K + kk[None, :], acc)
+
+
+@triton.jit
+def _sum_partials(ptr, P, stride_p, offs):
+    """Σ_p ptr[p·stride_p + offs] in float64, p = 0, 1, … in order (deterministic)."""
+    tot = tl.zeros(offs.shape, dtype=tl.float64)
+    for p in range(0, P):
+        tot += tl.load(ptr + tl.cast(p, tl.int64) * stride_p + offs).to(tl.float64)
+    return tot
+
+
+@triton.jit
+def _moments_reduce_kernel(
+    a_ptr, l_ptr, gpart_ptr, xpart_ptr, sa_ptr, sl_ptr,
+    amean_ptr, lmean_ptr, g_ptr, x_ptr,
+    P, C, K, M,
+    a_sc, l_sc,
+    N_CB, N_GT, N_KB,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    G_SHIFT: tl.constexpr, X_SHIFT: tl.constexpr,
+):
+    """Sum the P partials of tile t (float64, fixed order) and centre:
+
+        d_A = S₁(A)/M (about the shift of its mode), d_L = S₁(L)/M
+        Ā = s_G + d_A,  L̄ = t_X + d_L
+        G_IJ = S₂_IJ/M − d_A,I d_A,Jᵀ                     (stored to both triangles)
+        Xᵀ_J,kb = S_X/M − (Ā_J − s_X,J)(L̄_kb − t_X,kb)ᵀ   (stored as X[j, c])
+    where s_G / s_X / t_X are A[:, first] / A[:, first] / L[:, first] in shift
+    mode and 0 in raw mode (the shifts the partial kernel used).
+    """
+    t = tl.program_id(0)
+    Mf = tl.cast(M, tl.float64)
+    rr = tl.arange(0, BLOCK_C)
+    if t < N_GT:
+        i = t * 0
+        rem = t
+        while rem >= N_CB - i:
+            rem -= N_CB - i
+            i += 1
+        j = i + rem
+        ri = i * BLOCK_C + rr
+        cj = j * BLOCK_C + rr
+        s2 = _sum_partials(gpart_ptr + t.to(tl.int64) * BLOCK_C * BLOCK_C, P,
+                           N_GT * BLOCK_C * BLOCK_C, rr[:, None] * BLOCK_C + rr[None, :])
+        d_i = _sum_partials(sa_ptr + i * BLOCK_C, P, N_CB * BLOCK_C, rr) / Mf
+        d_j = _sum_partials(sa_ptr + j * BLOCK_C, P, N_CB * BLOCK_C, rr) / Mf
+        g = (s2 / Mf - d_i[:, None] * d_j[None, :]).to(tl.float32)
+        r2 = ri[:, None]
+        c2 = cj[None, :]
+        inb = (r2 < C) & (c2 < C)
+        # upper triangle (r ≤ c) as computed, lower triangle mirrored: G bitwise symmetric
+        tl.store(g_ptr + r2.to(tl.int64) * C + c2, g, mask=inb & (r2 <= c2))
+        tl.store(g_ptr + c2.to(tl.int64) * C + r2, g, mask=inb & (r2 < c2))
+        if i == j:
+            if G_SHIFT:
+                s = tl.load(a_ptr + ri.to(tl.int64) * a_sc, mask=ri < C, other=0.0).to(tl.float64)
+            else:
+                s = tl.zeros((BLOCK_C,), dtype=tl.float64)
+            tl.store(amean_ptr + ri, (s + d_i).to(tl.float32), mask=ri < C)
+    else:
+        u = t - N_GT
+        j = u // N_KB
+        kb = u - j * N_KB
+        kk = tl.arange(0, BLOCK_K)
+        cj = j * BLOCK_C + rr
+        kj = kb * BLOCK_K + kk
+        sx = _sum_partials(xpart_ptr + u.to(tl.int64) * BLOCK_C * BLOCK_K, P,
+                           N_CB * N_KB * BLOCK_C * BLOCK_K, rr[:, None] * BLOCK_K + kk[None, :])
+        d_a = _sum_partials(sa_ptr + j * BLOCK_C, P, N_CB * BLOCK_C, rr) / Mf
+        d_l = _sum_partials(sl_ptr + kb * BLOCK_K, P, N_KB * BLOCK_K, kk) / Mf
+        if G_SHIFT != X_SHIFT:
+            # the cross term was shifted differently from the Gram's A sums
+            s = tl.load(a_ptr + cj.to(tl.int64) * a_sc, mask=cj < C, other=0.0).to(tl.float64)
+            if G_SHIFT:
+                d_a = d_a + s
+            else:
+                d_a = d_a - s
+        x = (sx / Mf - d_a[:, None] * d_l[None, :]).to(tl.float32)
+        c2 = cj[:, None]
+        k2 = kj[None, :]
+        tl.store(x_ptr + k2.to(tl.int64) * C + c2, x, mask=(c2 < C) & (k2 < K))
+        if j == 0:
+            if X_SHIFT:
+                s_l = tl.load(l_ptr + kj.to(tl.int64) * l_sc, mask=kj < K, other=0.0).to(tl.float64)
+            else:
+                s_l = tl.zeros((BLOCK_K,), dtype=tl.float64)
+            tl.store(lmean_ptr + kj, (s_l + d_l).to(tl.float32), mask=kj < K)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+_SIXTEEN = (torch.float16, torch.bfloat16)
+
+
+def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
+                  block_c: int | None = None, block_n: int | None = None, splits: int | None = None,
+                  fp32_precision: str | None = None, num_warps: int | None = None,
+                  num_stages: int | None = None):
+    """(Ā (C,), L̄ (K,), G (C, C), X (K, C)) float32 of SPEC §2 (see module doc).
+
+    ``feats`` (B, C, H, W) and ``class_logits`` (B, K, H, W) (also (B, C, N)
+    or (B, C)) in float32/float16/bfloat16, any strides, dtypes may differ.
+    The keyword arguments are tuning knobs (defaults: GPU heuristics, small
+    blocks under the interpreter); ``splits`` is P, the number of position
+    ranges. Inputs are assumed validated (``debias_ops.validation``).
+    """
+    B, C = feats.shape[:2]
+    K = class_logits.shape[1]
+    dev = feats.device
+    N = 1
+    for s in feats.shape[2:]:
+        N *= s
+    M = B * N
+    f32 = torch.float32
+    if M == 0:
+        return (torch.zeros(C, dtype=f32, device=dev), torch.zeros(K, dtype=f32, device=dev),
+                torch.zeros(C, C, dtype=f32, device=dev), torch.zeros(K, C, dtype=f32, device=dev))
+    interp = _interpreting() or dev.type != "cuda"
+    if block_c is None:
+        block_c = min(32, max(16, _next_pow2(C))) if interp else _pick_block_c(C)
+    if block_n is None:
+        block_n = 16 if interp else (64 if feats.dtype in _SIXTEEN else 32)
+    block_k = max(16, min(128 if not interp else 32, _next_pow2(K)))
+    if fp32_precision is None:
+        fp32_precision = default_fp32_precision()
+    g_shift = feats.dtype not in _SIXTEEN
+    x_shift = not (feats.dtype in _SIXTEEN and class_logits.dtype == feats.dtype)
+
+    n_cb = triton.cdiv(C, block_c)
+    n_kb = triton.cdiv(K, block_k)
+    n_gt = n_cb * (n_cb + 1) // 2
+    n_tiles = n_gt + n_cb * n_kb
+    NB = triton.cdiv(N, block_n)
+    q_total = B * NB
+    if splits is None:
+        if interp:
+            splits = 2
+        else:
+            # ~4 waves of programs over the SMs, but ≥ 8 position blocks per program
+            target = 4 * _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
+            splits = max(1, min(triton.cdiv(target, n_tiles), q_total // 8))
+    splits = max(1, min(int(splits), q_total))
+    q_per = triton.cdiv(q_total, splits)
+    splits = triton.cdiv(q_total, q_per)  # no empty range
+
+    Ha, Wa, a_sh, a_sw, a_merged = _spatial(feats)
+    Hl, Wl, l_sh, l_sw, l_merged = _spatial(class_logits)
+    if not (a_merged and l_merged):
+        # both views must split n the same way: use (H, W) for both
+        H, W = feats.shape[2], feats.shape[3]
+        Wd = W
+        a_sh, a_sw, a_merged = feats.stride(2), feats.stride(3), False
+        l_sh, l_sw, l_merged = class_logits.stride(2), class_logits.stride(3), False
+    else:
+        Wd = N
+
+    gpart = torch.empty(splits * n_gt * block_c * block_c, dtype=f32, device=dev)
+    xpart = torch.empty(splits * n_cb * n_kb * block_c * block_k, dtype=f32, device=dev)
+    sa = torch.empty(splits * n_cb * block_c, dtype=f32, device=dev)
+    sl = torch.empty(splits * n_kb * block_k, dtype=f32, device=dev)
+    opts = {}
+    if num_warps is not None or not interp:
+        opts["num_warps"] = num_warps or (8 if block_c >= 128 else 4)
+    if num_stages is not None or not interp:
+        opts["num_stages"] = num_stages or 3
+    _moments_partial_kernel[(n_tiles, splits)](
+        feats, class_logits, gpart, xpart, sa, sl,
+        C, K, N, Wd, NB, q_total, q_per,
+        feats.stride(0), feats.stride(1), a_sh, a_sw,
+        class_logits.stride(0), class_logits.stride(1), l_sh, l_sw,
+        n_cb, n_gt, n_kb,
+        BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n,
+        G_SHIFT=g_shift, X_SHIFT=x_shift, PREC=fp32_precision,
+        DOT_F32=bool(_interpreting() and feats.dtype == torch.bfloat16),
+        A_MERGED=a_merged, L_MERGED=l_merged, **opts,
+    )
+    a_mean = torch.empty(C, dtype=f32, device=dev)
+    l_mean = torch.empty(K, dtype=f32, device=dev)
+    G = torch.empty(C, C, dtype=f32, device=dev)
+    X = torch.empty(K, C, dtype=f32, device=dev)
+    _moments_reduce_kernel[(n_tiles,)](
+        feats, class_logits, gpart, xpart, sa, sl,
+        a_mean, l_mean, G, X,
+        splits, C, K, M,
+        feats.stride(1), class_logits.stride(1),
+        n_cb, n_gt, n_kb,
+        BLOCK_C=block_c, BLOCK_K=block_k, G_SHIFT=g_shift, X_SHIFT=x_shift,
+        **({} if interp else {"num_warps": 4}),
+    )
+    return a_mean, l_mean, G, X
