@@ -173,45 +173,78 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0,
                      c_ptr, c_sb, c_sc, c_sh, c_sw, C_CH, c0,
                      q_lo, q_hi, NB, N, Wd,
                      BR: tl.constexpr, BCOL: tl.constexpr, BN: tl.constexpr,
-                     SHIFT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                     MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
                      SUM_R: tl.constexpr, SUM_C: tl.constexpr,
                      R_MERGED: tl.constexpr, C_MERGED: tl.constexpr):
-    """acc[r, c] = Σ_m x_r[m] y_c[m] over the position blocks [q_lo, q_hi),
-    x = rows (channels r0 + [0, BR) of r_ptr), y = cols (c0 + [0, BCOL) of c_ptr);
-    SHIFT: x = a − a[first position] in fp32 (else raw values, exact products);
-    also Σ_m x (SUM_R) and Σ_m y (SUM_C)."""
+    """acc[r, c] = Σ_m x_r[m] y_c[m] over the position blocks [q_lo, q_hi) of
+    rows (channels r0 + [0, BR) of r_ptr) and cols (c0 + [0, BCOL) of c_ptr),
+    with s = the value at the first position (b = 0, n = 0), per channel:
+
+    MODE 0: x = a, y = l (raw values: exact 16-bit products); sums Σ a.
+    MODE 1: raw values in the dot, and every CORR blocks the accumulator is
+            re-centred on s with the pending sums P_x = Σ (a − s), n:
+                acc −= s_r (P_y + n s_c/2)ᵀ + (P_x + n s_r/2) s_cᵀ
+            so acc = Σ (a − s_r)(l − s_c)ᵀ stays at the centred magnitude;
+            sums Σ (a − s).
+    MODE 2: x = a − s in fp32 before the dot (``input_precision=PREC``);
+            sums Σ (a − s).
+    Returns (acc, Σ_m x_r (if SUM_R), Σ_m y_c (if SUM_C)).
+    """
     rch = r0 + tl.arange(0, BR)
     cch = c0 + tl.arange(0, BCOL)
+    rmask = rch < R_CH
+    cmask = cch < C_CH
     nn = tl.arange(0, BN)
     acc = tl.zeros((BR, BCOL), dtype=tl.float32)
     sum_r = tl.zeros((BR,), dtype=tl.float32)
     sum_c = tl.zeros((BCOL,), dtype=tl.float32)
-    if SHIFT:
+    if MODE != 0:
         # per-channel shift: the value at (b = 0, n = 0), the same in every program
-        sr = tl.load(r_ptr + rch.to(tl.int64) * r_sc, mask=rch < R_CH, other=0.0).to(tl.float32)
-        sc = tl.load(c_ptr + cch.to(tl.int64) * c_sc, mask=cch < C_CH, other=0.0).to(tl.float32)
+        sr = tl.load(r_ptr + rch.to(tl.int64) * r_sc, mask=rmask, other=0.0).to(tl.float32)
+        sc = tl.load(c_ptr + cch.to(tl.int64) * c_sc, mask=cmask, other=0.0).to(tl.float32)
+    if MODE == 1:
+        pend_r = tl.zeros((BR,), dtype=tl.float32)
+        pend_c = tl.zeros((BCOL,), dtype=tl.float32)
+        pend_n = tl.sum(tl.zeros((BN,), dtype=tl.float32), axis=0)
     for q in range(q_lo, q_hi):
         b = q // NB
         n = (q - b * NB) * BN + nn
         nmask = n < N
         x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nmask, R_CH, Wd, 0, R_MERGED)
         y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nmask, C_CH, Wd, 1, C_MERGED)
-        if SHIFT:
-            xm = (rch < R_CH)[:, None] & nmask[None, :]
-            ym = nmask[:, None] & (cch < C_CH)[None, :]
-            x = tl.where(xm, x.to(tl.float32) - sr[:, None], 0.0)
-            y = tl.where(ym, y.to(tl.float32) - sc[None, :], 0.0)
+        if MODE == 2:
+            x = tl.where(rmask[:, None] & nmask[None, :], x.to(tl.float32) - sr[:, None], 0.0)
+            y = tl.where(nmask[:, None] & cmask[None, :], y.to(tl.float32) - sc[None, :], 0.0)
             acc = tl.dot(x, y, acc, input_precision=PREC)
-        elif DOT_F32:
-            # the Triton 3.9 interpreter multiplies bf16 tiles as their uint16 bits:
-            # there, widen (exactly) to fp32 and multiply in IEEE fp32 (exact products)
-            acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+            if SUM_R:
+                sum_r += tl.sum(x, axis=1)
+            if SUM_C:
+                sum_c += tl.sum(y, axis=0)
         else:
-            acc = tl.dot(x, y, acc)
-        if SUM_R:
-            sum_r += tl.sum(x.to(tl.float32), axis=1)
-        if SUM_C:
-            sum_c += tl.sum(y.to(tl.float32), axis=0)
+            if DOT_F32:
+                # the Triton 3.9 interpreter multiplies bf16 tiles as their uint16 bits:
+                # there, widen (exactly) to fp32 and multiply in IEEE fp32 (exact products)
+                acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, y, acc)
+            if MODE == 0:
+                if SUM_R:
+                    sum_r += tl.sum(x.to(tl.float32), axis=1)
+                if SUM_C:
+                    sum_c += tl.sum(y.to(tl.float32), axis=0)
+            else:
+                pend_r += tl.sum(tl.where(rmask[:, None] & nmask[None, :], x.to(tl.float32) - sr[:, None], 0.0), axis=1)
+                pend_c += tl.sum(tl.where(nmask[:, None] & cmask[None, :], y.to(tl.float32) - sc[None, :], 0.0), axis=0)
+                pend_n += tl.minimum(N - (q - b * NB) * BN, BN).to(tl.float32)
+                if ((q - q_lo) % CORR == CORR - 1) | (q == q_hi - 1):
+                    ur = pend_r + (0.5 * pend_n) * sr
+                    uc = pend_c + (0.5 * pend_n) * sc
+                    acc -= sr[:, None] * uc[None, :] + ur[:, None] * sc[None, :]
+                    sum_r += pend_r
+                    sum_c += pend_c
+                    pend_r = tl.zeros((BR,), dtype=tl.float32)
+                    pend_c = tl.zeros((BCOL,), dtype=tl.float32)
+                    pend_n = pend_n * 0.0
     return acc, sum_r, sum_c
 
 
@@ -223,7 +256,8 @@ def _moments_partial_kernel(
     l_sb, l_sc, l_sh, l_sw,
     N_CB, N_GT, N_KB,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    G_SHIFT: tl.constexpr, X_SHIFT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    G_MODE: tl.constexpr, X_MODE: tl.constexpr, CORR: tl.constexpr,
+    PREC: tl.constexpr, DOT_F32: tl.constexpr,
     A_MERGED: tl.constexpr, L_MERGED: tl.constexpr,
 ):
     """Partial moments of one tile over one range of positions (see module doc).
@@ -257,14 +291,14 @@ def _moments_partial_kernel(
                 a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C,
                 a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
-                G_SHIFT, PREC, DOT_F32, True, False, A_MERGED, A_MERGED)
+                G_MODE, CORR, PREC, DOT_F32, True, False, A_MERGED, A_MERGED)
             tl.store(sa_ptr + (p.to(tl.int64) * N_CB + i) * BLOCK_C + rr, s_r)
         else:
             acc, s_r, s_c = _tile_accumulate(
                 a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C,
                 a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
-                G_SHIFT, PREC, DOT_F32, False, False, A_MERGED, A_MERGED)
+                G_MODE, CORR, PREC, DOT_F32, False, False, A_MERGED, A_MERGED)
         tl.store(out + rr[:, None] * BLOCK_C + cc[None, :], acc)
     else:
         u = t - N_GT
@@ -277,14 +311,14 @@ def _moments_partial_kernel(
                 a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
                 l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                X_SHIFT, PREC, DOT_F32, False, True, A_MERGED, L_MERGED)
+                X_MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED)
             tl.store(sl_ptr + (p.to(tl.int64) * N_KB + kb) * BLOCK_K + kk, s_c)
         else:
             acc, s_r, s_c = _tile_accumulate(
                 a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
                 l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                X_SHIFT, PREC, DOT_F32, False, False, A_MERGED, L_MERGED)
+                X_MODE, CORR, PREC, DOT_F32, False, False, A_MERGED, L_MERGED)
         tl.store(out + rr[:, None] * BLOCK_K + kk[None, :], acc)
 
 
@@ -383,7 +417,7 @@ _SIXTEEN = (torch.float16, torch.bfloat16)
 def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
                   block_c: int | None = None, block_n: int | None = None, splits: int | None = None,
                   fp32_precision: str | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None):
+                  num_stages: int | None = None, recenter_every: int | None = None):
     """(Ā (C,), L̄ (K,), G (C, C), X (K, C)) float32 of SPEC §2 (see module doc).
 
     ``feats`` (B, C, H, W) and ``class_logits`` (B, K, H, W) (also (B, C, N)
@@ -411,8 +445,11 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     block_k = max(16, min(128 if not interp else 32, _next_pow2(K)))
     if fp32_precision is None:
         fp32_precision = default_fp32_precision()
-    g_shift = feats.dtype not in _SIXTEEN
-    x_shift = not (feats.dtype in _SIXTEEN and class_logits.dtype == feats.dtype)
+    if recenter_every is None:
+        recenter_every = 4
+    raw = 1 if recenter_every > 0 else 0
+    g_mode = raw if feats.dtype in _SIXTEEN else 2
+    x_mode = raw if (feats.dtype in _SIXTEEN and class_logits.dtype == feats.dtype) else 2
 
     n_cb = triton.cdiv(C, block_c)
     n_kb = triton.cdiv(K, block_k)
@@ -458,7 +495,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         class_logits.stride(0), class_logits.stride(1), l_sh, l_sw,
         n_cb, n_gt, n_kb,
         BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n,
-        G_SHIFT=g_shift, X_SHIFT=x_shift, PREC=fp32_precision,
+        G_MODE=g_mode, X_MODE=x_mode, CORR=max(1, int(recenter_every)), PREC=fp32_precision,
         DOT_F32=bool(_interpreting() and feats.dtype == torch.bfloat16),
         A_MERGED=a_merged, L_MERGED=l_merged, **opts,
     )
@@ -472,7 +509,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         splits, C, K, M,
         feats.stride(1), class_logits.stride(1),
         n_cb, n_gt, n_kb,
-        BLOCK_C=block_c, BLOCK_K=block_k, G_SHIFT=g_shift, X_SHIFT=x_shift,
+        BLOCK_C=block_c, BLOCK_K=block_k, G_SHIFT=g_mode > 0, X_SHIFT=x_mode > 0,
         **({} if interp else {"num_warps": 4}),
     )
     return a_mean, l_mean, G, X
