@@ -169,8 +169,37 @@ def _load_tile(ptr, s_b, s_c, s_h, s_w, b, chan, n, nmask, n_chan, Wd,
 
 
 @triton.jit
-def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0,
-                     c_ptr, c_sb, c_sc, c_sh, c_sw, C_CH, c0,
+def _shift_kernel(a_ptr, l_ptr, shift_ptr, C, K, N, Wd,
+                  a_sc, a_sh, a_sw, l_sc, l_sh, l_sw,
+                  BLOCK_S: tl.constexpr, A_MERGED: tl.constexpr, L_MERGED: tl.constexpr):
+    """Per-channel shifts, computed once so that every program uses the same bits:
+
+        shift[c]     = round_A( (1/16) Σ_i A[0, c, n_i] ),   c < C
+        shift[C + j] = round_L( (1/16) Σ_i L[0, j, n_i] ),   j < K
+    with n_i = ⌊i·N/16⌋ (16 positions of image 0 spread over the image) and
+    round_X the rounding to that tensor's dtype (a value of the data's own
+    grid: a − s is then exact wherever s/2 ≤ a ≤ 2s, Sterbenz).
+    """
+    pid = tl.program_id(0)
+    n_ab = tl.cdiv(C, BLOCK_S)
+    n = (tl.arange(0, 16).to(tl.int64) * N) // 16
+    nmask = n < N
+    zero = pid * 0
+    if pid < n_ab:
+        ch = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+        x = _load_tile(a_ptr, 0, a_sc, a_sh, a_sw, zero, ch, n, nmask, C, Wd, 0, A_MERGED)
+        s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
+        tl.store(shift_ptr + ch, s, mask=ch < C)
+    else:
+        ch = (pid - n_ab) * BLOCK_S + tl.arange(0, BLOCK_S)
+        x = _load_tile(l_ptr, 0, l_sc, l_sh, l_sw, zero, ch, n, nmask, K, Wd, 0, L_MERGED)
+        s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
+        tl.store(shift_ptr + C + ch, s, mask=ch < K)
+
+
+@triton.jit
+def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
+                     c_ptr, c_sb, c_sc, c_sh, c_sw, C_CH, c0, c_shift,
                      q_lo, q_hi, NB, N, Wd,
                      BR: tl.constexpr, BCOL: tl.constexpr, BN: tl.constexpr,
                      MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
@@ -178,7 +207,7 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0,
                      R_MERGED: tl.constexpr, C_MERGED: tl.constexpr):
     """acc[r, c] = Σ_m x_r[m] y_c[m] over the position blocks [q_lo, q_hi) of
     rows (channels r0 + [0, BR) of r_ptr) and cols (c0 + [0, BCOL) of c_ptr),
-    with s = the value at the first position (b = 0, n = 0), per channel:
+    with s the per-channel shifts at r_shift / c_shift (``_shift_kernel``):
 
     MODE 0: x = a, y = l (raw values: exact 16-bit products); sums Σ a.
     MODE 1: raw values in the dot, and every CORR blocks the accumulator is
@@ -199,9 +228,8 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0,
     sum_r = tl.zeros((BR,), dtype=tl.float32)
     sum_c = tl.zeros((BCOL,), dtype=tl.float32)
     if MODE != 0:
-        # per-channel shift: the value at (b = 0, n = 0), the same in every program
-        sr = tl.load(r_ptr + rch.to(tl.int64) * r_sc, mask=rmask, other=0.0).to(tl.float32)
-        sc = tl.load(c_ptr + cch.to(tl.int64) * c_sc, mask=cmask, other=0.0).to(tl.float32)
+        sr = tl.load(r_shift + rch, mask=rmask, other=0.0)
+        sc = tl.load(c_shift + cch, mask=cmask, other=0.0)
     if MODE == 1:
         pend_r = tl.zeros((BR,), dtype=tl.float32)
         pend_c = tl.zeros((BCOL,), dtype=tl.float32)
@@ -250,7 +278,7 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0,
 
 @triton.jit
 def _moments_partial_kernel(
-    a_ptr, l_ptr, gpart_ptr, xpart_ptr, sa_ptr, sl_ptr,
+    a_ptr, l_ptr, gpart_ptr, xpart_ptr, sa_ptr, sl_ptr, shift_ptr,
     C, K, N, Wd, NB, Q_TOTAL, Q_PER,
     a_sb, a_sc, a_sh, a_sw,
     l_sb, l_sc, l_sh, l_sw,
@@ -260,7 +288,7 @@ def _moments_partial_kernel(
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
     A_MERGED: tl.constexpr, L_MERGED: tl.constexpr,
 ):
-    """Partial moments of one tile over one range of positions (see module doc).
+    """Partial moments of one tile over one range p of positions (see module doc).
 
     Gram tile t < N_GT, (I, J) with I ≤ J:
         gpart[p, t] = Σ_{m in range p} x_I[m] x_Jᵀ[m]      (BLOCK_C × BLOCK_C)
@@ -268,11 +296,11 @@ def _moments_partial_kernel(
     Cross tile t = N_GT + J·N_KB + kb:
         xpart[p, J·N_KB + kb] = Σ x_J[m] y_kbᵀ[m]           (BLOCK_C × BLOCK_K)
         and, when J == 0, sl[p, kb] = Σ y_kb[m]             (BLOCK_K)
-    x = A (raw, or A − A[:, first] in G_SHIFT/X_SHIFT mode), y = L likewise.
+    x = A − s, y = L − t (s, t = 0 in mode 0; see ``_tile_accumulate``).
+    shift = [s (C), t (K)] from ``_shift_kernel`` (read in modes 1 and 2).
     """
     t = tl.program_id(0)
     p = tl.program_id(1)
-    P = tl.num_programs(1)
     q_lo = p * Q_PER
     q_hi = tl.minimum(q_lo + Q_PER, Q_TOTAL)
     rr = tl.arange(0, BLOCK_C)
@@ -288,15 +316,15 @@ def _moments_partial_kernel(
         out = gpart_ptr + ((p.to(tl.int64) * N_GT + t) * BLOCK_C) * BLOCK_C
         if i == j:
             acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C,
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C, shift_ptr,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
                 G_MODE, CORR, PREC, DOT_F32, True, False, A_MERGED, A_MERGED)
             tl.store(sa_ptr + (p.to(tl.int64) * N_CB + i) * BLOCK_C + rr, s_r)
         else:
             acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C,
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C, shift_ptr,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
                 G_MODE, CORR, PREC, DOT_F32, False, False, A_MERGED, A_MERGED)
         tl.store(out + rr[:, None] * BLOCK_C + cc[None, :], acc)
@@ -308,15 +336,15 @@ def _moments_partial_kernel(
         out = xpart_ptr + ((p.to(tl.int64) * (N_CB * N_KB) + u) * BLOCK_C) * BLOCK_K
         if j == 0:
             acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
-                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
+                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K, shift_ptr + C,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
                 X_MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED)
             tl.store(sl_ptr + (p.to(tl.int64) * N_KB + kb) * BLOCK_K + kk, s_c)
         else:
             acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C,
-                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K,
+                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
+                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K, shift_ptr + C,
                 q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
                 X_MODE, CORR, PREC, DOT_F32, False, False, A_MERGED, L_MERGED)
         tl.store(out + rr[:, None] * BLOCK_K + kk[None, :], acc)
@@ -333,22 +361,20 @@ def _sum_partials(ptr, P, stride_p, offs):
 
 @triton.jit
 def _moments_reduce_kernel(
-    a_ptr, l_ptr, gpart_ptr, xpart_ptr, sa_ptr, sl_ptr,
+    gpart_ptr, xpart_ptr, sa_ptr, sl_ptr, shift_ptr,
     amean_ptr, lmean_ptr, g_ptr, x_ptr,
     P, C, K, M,
-    a_sc, l_sc,
     N_CB, N_GT, N_KB,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     G_SHIFT: tl.constexpr, X_SHIFT: tl.constexpr,
 ):
-    """Sum the P partials of tile t (float64, fixed order) and centre:
+    """Sum the P partials of tile t (float64, fixed order) and centre, with
+    s_G, s_X, t_X the shifts the partial kernel used (shift = [s (C), t (K)],
+    or 0 in raw mode 0):
 
-        d_A = S₁(A)/M (about the shift of its mode), d_L = S₁(L)/M
-        Ā = s_G + d_A,  L̄ = t_X + d_L
-        G_IJ = S₂_IJ/M − d_A,I d_A,Jᵀ                     (stored to both triangles)
+        d_A = S₁(A)/M = Ā − s_G,   Ā = s_G + d_A,   L̄ = t_X + S₁(L)/M
+        G_IJ    = S₂_IJ/M − d_A,I d_A,Jᵀ                 (stored to both triangles)
         Xᵀ_J,kb = S_X/M − (Ā_J − s_X,J)(L̄_kb − t_X,kb)ᵀ   (stored as X[j, c])
-    where s_G / s_X / t_X are A[:, first] / A[:, first] / L[:, first] in shift
-    mode and 0 in raw mode (the shifts the partial kernel used).
     """
     t = tl.program_id(0)
     Mf = tl.cast(M, tl.float64)
@@ -374,11 +400,10 @@ def _moments_reduce_kernel(
         tl.store(g_ptr + r2.to(tl.int64) * C + c2, g, mask=inb & (r2 <= c2))
         tl.store(g_ptr + c2.to(tl.int64) * C + r2, g, mask=inb & (r2 < c2))
         if i == j:
+            a_bar = d_i
             if G_SHIFT:
-                s = tl.load(a_ptr + ri.to(tl.int64) * a_sc, mask=ri < C, other=0.0).to(tl.float64)
-            else:
-                s = tl.zeros((BLOCK_C,), dtype=tl.float64)
-            tl.store(amean_ptr + ri, (s + d_i).to(tl.float32), mask=ri < C)
+                a_bar += tl.load(shift_ptr + ri, mask=ri < C, other=0.0).to(tl.float64)
+            tl.store(amean_ptr + ri, a_bar.to(tl.float32), mask=ri < C)
     else:
         u = t - N_GT
         j = u // N_KB
@@ -390,23 +415,19 @@ def _moments_reduce_kernel(
                            N_CB * N_KB * BLOCK_C * BLOCK_K, rr[:, None] * BLOCK_K + kk[None, :])
         d_a = _sum_partials(sa_ptr + j * BLOCK_C, P, N_CB * BLOCK_C, rr) / Mf
         d_l = _sum_partials(sl_ptr + kb * BLOCK_K, P, N_KB * BLOCK_K, kk) / Mf
-        if G_SHIFT != X_SHIFT:
-            # the cross term was shifted differently from the Gram's A sums
-            s = tl.load(a_ptr + cj.to(tl.int64) * a_sc, mask=cj < C, other=0.0).to(tl.float64)
-            if G_SHIFT:
-                d_a = d_a + s
-            else:
-                d_a = d_a - s
+        if G_SHIFT:
+            d_a += tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā
+        if X_SHIFT:
+            d_a -= tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā − s_X
         x = (sx / Mf - d_a[:, None] * d_l[None, :]).to(tl.float32)
         c2 = cj[:, None]
         k2 = kj[None, :]
         tl.store(x_ptr + k2.to(tl.int64) * C + c2, x, mask=(c2 < C) & (k2 < K))
         if j == 0:
+            l_bar = d_l
             if X_SHIFT:
-                s_l = tl.load(l_ptr + kj.to(tl.int64) * l_sc, mask=kj < K, other=0.0).to(tl.float64)
-            else:
-                s_l = tl.zeros((BLOCK_K,), dtype=tl.float64)
-            tl.store(lmean_ptr + kj, (s_l + d_l).to(tl.float32), mask=kj < K)
+                l_bar += tl.load(shift_ptr + C + kj, mask=kj < K, other=0.0).to(tl.float64)
+            tl.store(lmean_ptr + kj, l_bar.to(tl.float32), mask=kj < K)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -483,13 +504,20 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     xpart = torch.empty(splits * n_cb * n_kb * block_c * block_k, dtype=f32, device=dev)
     sa = torch.empty(splits * n_cb * block_c, dtype=f32, device=dev)
     sl = torch.empty(splits * n_kb * block_k, dtype=f32, device=dev)
+    shift = torch.empty(C + K, dtype=f32, device=dev)
+    block_s = 16 if interp else 64
+    _shift_kernel[(triton.cdiv(C, block_s) + triton.cdiv(K, block_s),)](
+        feats, class_logits, shift, C, K, N, Wd,
+        feats.stride(1), a_sh, a_sw, class_logits.stride(1), l_sh, l_sw,
+        BLOCK_S=block_s, A_MERGED=a_merged, L_MERGED=l_merged,
+    )
     opts = {}
     if num_warps is not None or not interp:
         opts["num_warps"] = num_warps or (8 if block_c >= 128 else 4)
     if num_stages is not None or not interp:
         opts["num_stages"] = num_stages or 3
     _moments_partial_kernel[(n_tiles, splits)](
-        feats, class_logits, gpart, xpart, sa, sl,
+        feats, class_logits, gpart, xpart, sa, sl, shift,
         C, K, N, Wd, NB, q_total, q_per,
         feats.stride(0), feats.stride(1), a_sh, a_sw,
         class_logits.stride(0), class_logits.stride(1), l_sh, l_sw,
@@ -504,10 +532,9 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     G = torch.empty(C, C, dtype=f32, device=dev)
     X = torch.empty(K, C, dtype=f32, device=dev)
     _moments_reduce_kernel[(n_tiles,)](
-        feats, class_logits, gpart, xpart, sa, sl,
+        gpart, xpart, sa, sl, shift,
         a_mean, l_mean, G, X,
         splits, C, K, M,
-        feats.stride(1), class_logits.stride(1),
         n_cb, n_gt, n_kb,
         BLOCK_C=block_c, BLOCK_K=block_k, G_SHIFT=g_mode > 0, X_SHIFT=x_mode > 0,
         **({} if interp else {"num_warps": 4}),
