@@ -15,8 +15,10 @@ lives in ``debias_ops.fused_selection`` (dA = dOut·g).
 
 Algorithm
 ---------
-Two launches, no host sync, no N-sized intermediate:
+Three launches, no host sync, no N-sized intermediate:
 
+0. ``_shift_kernel`` (tiny): the per-channel shifts s (C) and t (K), see
+   Numerics; read by both kernels so every program uses the same bits.
 1. ``_moments_partial_kernel``, grid (tiles, P). The statistics are a
    "syrk" ``Z Zᵀ`` with a huge reduction axis (the M positions). A tile is
    either an upper-triangle Gram tile (I ≤ J, BLOCK_C × BLOCK_C; G is
@@ -39,43 +41,42 @@ Two launches, no host sync, no N-sized intermediate:
 
 Numerics (error analysis)
 -------------------------
-One-pass centred moments suffer cancellation: E[aaᵀ] − ĀĀᵀ loses about
-log2(1 + μ²/σ²) bits when |μ| ≫ σ. Two regimes, picked per operand pair:
+One-pass centred moments suffer cancellation: E[aaᵀ] − ĀĀᵀ computed in
+fp32 loses about log2(1 + μ²/σ²) bits when |μ| ≫ σ (measured: mean 10,
+std 1 → 6e-5 relative error of G; mean 100 → 5e-3). The kernel works about
+a per-channel shift s (and t for L), computed once by ``_shift_kernel``:
+the mean of 16 positions of image 0 spread over the image, rounded to the
+input's dtype, so |μ − s| ~ σ/4…σ and s lies on the data's own grid (a − s
+is exact wherever s/2 ≤ a ≤ 2s, Sterbenz). Per operand pair, one of:
 
-* **16-bit operands of one dtype (bf16·bf16, fp16·fp16), "raw" mode.** The
-  products of two 16-bit floats are exact in fp32 (8+8 resp. 11+11 mantissa
-  bits ≤ 24), so the dot runs on the raw values and the only error is fp32
-  accumulation. Shifting the values before the dot would need a rounding
-  back to 16 bits (a − s is exact only where s/2 ≤ a ≤ 2s) and would make
-  products inexact, so no shift is applied in the dot; the centring is done
-  in float64 in the reduce. A program's partial Σ a a' over n_p positions
-  is a sum of r = n_p/16 tensor-core k-steps at magnitude ≲ n_p(μ² + σ²),
-  so its error is ≈ u·n_p(μ² + σ²)·√r (u = 2⁻²⁴, random rounding); the
-  P partials' errors are independent and are added in float64, so
+* **mode 2 — fp32 feats, or mixed dtypes for the cross term.** Operands
+  are loaded to fp32 and shifted before the dot, x = a − s (relative
+  rounding ≤ u = 2⁻²⁴ of |a − s|, exact when clustered), then ``tl.dot``
+  with ``input_precision="tf32x3"`` (3 TF32 products, ≈ 2⁻²¹ relative per
+  product) or ``"ieee"``. The accumulator holds Σ(a−s)(a'−s') of size
+  n(σ² + (μ−s)²), so the relative error of G is
+      ≈ (u_dot + u·√r)·(1 + (μ − s)²/σ²),   independent of |μ|
+  (r = number of fp32 additions into one accumulator entry per program).
+* **mode 1 — 16-bit feats (and same-dtype 16-bit logits), the default.**
+  A shifted 16-bit operand would have to be rounded back to 16 bits, so
+  the dot runs on the raw values: products of two 16-bit floats are exact
+  in fp32 (8+8 resp. 11+11 ≤ 24 mantissa bits). To keep the accumulator
+  at the centred scale, every R = ``recenter_every`` blocks the program
+  subtracts the shift's rank-1 terms from it (CUDA-core work, exact
+  algebra: Σ aa'ᵀ − s P'ᵀ − P s'ᵀ − n ss'ᵀ = Σ (a−s)(a'−s')ᵀ with
+  P = Σ(a − s) over those blocks). What remains is the rounding inside the
+  R blocks, where partial sums reach R·BLOCK_N·(μ² + σ²):
+      ≈ u·(1 + μ²/σ²)·√(R·BLOCK_N/16) / √(blocks per program)
+  per entry, relative to σ². Measured (interpreter, M = 1024, mean 10):
+  fp16 1e-5, bf16 2e-8 (bf16 values near 10 are multiples of 1/16: every
+  sum is exact); without re-centring (R = 0, mode 0) 3e-5 / 2e-5;
+  fp32 mode 2: 6e-8.
+* **mode 0 — ``recenter_every=0``:** raw accumulation, centred only in
+  the reduce (error ≈ u·(1 + μ²/σ²)·√r); kept for timing comparisons.
 
-      |ΔG| / σ²  ≈  u · (1 + μ²/σ²) · √(r / P)   (per entry, σ² ~ |G|)
-
-  e.g. W48 (n_p = 16384, r = 1024, P = 16), μ/σ = 10: ≈ 6e-8·101·8 = 5e-5;
-  μ/σ ≤ 1 (post-ReLU features): ≈ 1e-6. A per-super-block correction in
-  the loop (subtract the shift's rank-1 terms every R blocks) would bring
-  the first figure to ~2e-6 at ~10% more CUDA-core work; not done (see
-  benchmarks/NOTES_moments.md).
-* **Any fp32 operand (fp32 feats, or mixed dtypes for the cross term),
-  "shift" mode.** Both operands are loaded to fp32 and shifted by a
-  per-channel shift s = the value at the first position (b = 0, n = 0),
-  identical in every program: x = a − s (exact by Sterbenz where
-  s/2 ≤ a ≤ 2s, else rounding u|a − s|), then ``tl.dot`` with
-  ``input_precision="tf32x3"`` (≈ 2⁻²¹ relative per product, split
-  hi·hi + hi·lo + lo·hi) or ``"ieee"``. The accumulators hold Σ(a−s)(a'−s')
-  of magnitude n(σ² + (μ−s)²), so
-
-      |ΔG| / σ²  ≈  (u_dot + u·√(r/P)) · (1 + (μ − s)²/σ²)
-
-  with (μ − s)²/σ² ~ 1 for a sample s (χ²₁), independent of |μ|. The
-  reduce forms G = S₂/M − d dᵀ with d = S₁/M = Ā − s in float64.
-
-Means: Ā = s + S₁/M with S₁ = Σ(a − s) accumulated in fp32 per program
-(error ≲ u·n_p·(|μ − s| + σ)·√(n_p/BLOCK_N)), added in float64.
+The P partials are added in float64 in a fixed order, and the reduce forms
+G = S₂/M − d dᵀ, d = S₁/M = Ā − s in float64. Means: Ā = s + S₁/M, with
+S₁ = Σ(a − s) accumulated in fp32 per program.
 
 Layout: A is read through its strides as (B, C, H, W) (N-contiguous NCHW,
 C-contiguous channels_last, or any view) with int64 offsets; when H and W
@@ -120,15 +121,31 @@ def _next_pow2(x: int) -> int:
 
 
 def _pick_block_c(C: int) -> int:
-    """GPU default: the BLOCK_C in (128, 64) with the least padded upper-triangle
-    area (ties to the larger block: more reuse per loaded byte)."""
-    best, best_area = 128, None
-    for bc in (128, 64):
+    """GPU default BLOCK_C: 128 (twice the operand reuse of 64: 64 vs 32
+    flop per byte read from L2) unless its padded upper-triangle area is over
+    1.25× that of 64 (e.g. C = 270: 384² vs 320² padding)."""
+    def area(bc):
         nb = triton.cdiv(C, bc)
-        area = nb * (nb + 1) // 2 * bc * bc
-        if best_area is None or area < best_area:
-            best, best_area = bc, area
-    return min(best, max(16, _next_pow2(C)))
+        return nb * (nb + 1) // 2 * bc * bc
+    bc = 128 if area(128) <= 1.25 * area(64) else 64
+    return min(bc, max(16, _next_pow2(C)))
+
+
+def _pick_splits(n_tiles: int, q_total: int, sms: int) -> int:
+    """P for ~2–6 waves of programs over the SMs, the count with the least
+    idle tail (programs / (waves·SMs) highest), ties to fewer partials; at
+    least 4 position blocks per program."""
+    lo = max(1, triton.cdiv(2 * sms, n_tiles))
+    hi = max(lo, triton.cdiv(6 * sms, n_tiles))
+    cap = max(1, q_total // 4)
+    best, best_eff = 1, -1.0
+    for s in range(lo, hi + 1):
+        s = min(s, cap)
+        progs = n_tiles * s
+        eff = progs / (triton.cdiv(progs, sms) * sms)
+        if eff > best_eff + 1e-3:
+            best, best_eff = s, eff
+    return best
 
 
 def _spatial(x: torch.Tensor):
@@ -482,9 +499,8 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         if interp:
             splits = 2
         else:
-            # ~4 waves of programs over the SMs, but ≥ 8 position blocks per program
-            target = 4 * _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
-            splits = max(1, min(triton.cdiv(target, n_tiles), q_total // 8))
+            sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
+            splits = _pick_splits(n_tiles, q_total, sms)
     splits = max(1, min(int(splits), q_total))
     q_per = triton.cdiv(q_total, splits)
     splits = triton.cdiv(q_total, q_per)  # no empty range
