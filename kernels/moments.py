@@ -382,7 +382,7 @@ def _moments_reduce_kernel(
     amean_ptr, lmean_ptr, g_ptr, x_ptr,
     P, C, K, M,
     N_CB, N_GT, N_KB,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
     G_SHIFT: tl.constexpr, X_SHIFT: tl.constexpr,
 ):
     """Sum the P partials of tile t (float64, fixed order) and centre, with
@@ -392,10 +392,11 @@ def _moments_reduce_kernel(
         d_A = S₁(A)/M = Ā − s_G,   Ā = s_G + d_A,   L̄ = t_X + S₁(L)/M
         G_IJ    = S₂_IJ/M − d_A,I d_A,Jᵀ                 (stored to both triangles)
         Xᵀ_J,kb = S_X/M − (Ā_J − s_X,J)(L̄_kb − t_X,kb)ᵀ   (stored as X[j, c])
+    The tile is processed ROWS rows at a time (float64 register pressure).
     """
     t = tl.program_id(0)
     Mf = tl.cast(M, tl.float64)
-    rr = tl.arange(0, BLOCK_C)
+    rr = tl.arange(0, ROWS)
     if t < N_GT:
         i = t * 0
         rem = t
@@ -403,48 +404,51 @@ def _moments_reduce_kernel(
             rem -= N_CB - i
             i += 1
         j = i + rem
-        ri = i * BLOCK_C + rr
-        cj = j * BLOCK_C + rr
-        s2 = _sum_partials(gpart_ptr + t.to(tl.int64) * BLOCK_C * BLOCK_C, P,
-                           N_GT * BLOCK_C * BLOCK_C, rr[:, None] * BLOCK_C + rr[None, :])
-        d_i = _sum_partials(sa_ptr + i * BLOCK_C, P, N_CB * BLOCK_C, rr) / Mf
-        d_j = _sum_partials(sa_ptr + j * BLOCK_C, P, N_CB * BLOCK_C, rr) / Mf
-        g = (s2 / Mf - d_i[:, None] * d_j[None, :]).to(tl.float32)
-        r2 = ri[:, None]
-        c2 = cj[None, :]
-        inb = (r2 < C) & (c2 < C)
-        # upper triangle (r ≤ c) as computed, lower triangle mirrored: G bitwise symmetric
-        tl.store(g_ptr + r2.to(tl.int64) * C + c2, g, mask=inb & (r2 <= c2))
-        tl.store(g_ptr + c2.to(tl.int64) * C + r2, g, mask=inb & (r2 < c2))
-        if i == j:
-            a_bar = d_i
-            if G_SHIFT:
-                a_bar += tl.load(shift_ptr + ri, mask=ri < C, other=0.0).to(tl.float64)
-            tl.store(amean_ptr + ri, a_bar.to(tl.float32), mask=ri < C)
+        cc = tl.arange(0, BLOCK_C)
+        cj = j * BLOCK_C + cc
+        d_j = _sum_partials(sa_ptr + j * BLOCK_C, P, N_CB * BLOCK_C, cc) / Mf
+        for r0 in tl.static_range(0, BLOCK_C, ROWS):
+            ri = i * BLOCK_C + r0 + rr
+            s2 = _sum_partials(gpart_ptr + t.to(tl.int64) * BLOCK_C * BLOCK_C, P,
+                               N_GT * BLOCK_C * BLOCK_C, (r0 + rr)[:, None] * BLOCK_C + cc[None, :])
+            d_i = _sum_partials(sa_ptr + i * BLOCK_C + r0, P, N_CB * BLOCK_C, rr) / Mf
+            g = (s2 / Mf - d_i[:, None] * d_j[None, :]).to(tl.float32)
+            r2 = ri[:, None]
+            c2 = cj[None, :]
+            inb = (r2 < C) & (c2 < C)
+            # upper triangle (r ≤ c) as computed, lower triangle mirrored: G bitwise symmetric
+            tl.store(g_ptr + r2.to(tl.int64) * C + c2, g, mask=inb & (r2 <= c2))
+            tl.store(g_ptr + c2.to(tl.int64) * C + r2, g, mask=inb & (r2 < c2))
+            if i == j:
+                a_bar = d_i
+                if G_SHIFT:
+                    a_bar += tl.load(shift_ptr + ri, mask=ri < C, other=0.0).to(tl.float64)
+                tl.store(amean_ptr + ri, a_bar.to(tl.float32), mask=ri < C)
     else:
         u = t - N_GT
         j = u // N_KB
         kb = u - j * N_KB
         kk = tl.arange(0, BLOCK_K)
-        cj = j * BLOCK_C + rr
         kj = kb * BLOCK_K + kk
-        sx = _sum_partials(xpart_ptr + u.to(tl.int64) * BLOCK_C * BLOCK_K, P,
-                           N_CB * N_KB * BLOCK_C * BLOCK_K, rr[:, None] * BLOCK_K + kk[None, :])
-        d_a = _sum_partials(sa_ptr + j * BLOCK_C, P, N_CB * BLOCK_C, rr) / Mf
         d_l = _sum_partials(sl_ptr + kb * BLOCK_K, P, N_KB * BLOCK_K, kk) / Mf
-        if G_SHIFT:
-            d_a += tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā
-        if X_SHIFT:
-            d_a -= tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā − s_X
-        x = (sx / Mf - d_a[:, None] * d_l[None, :]).to(tl.float32)
-        c2 = cj[:, None]
-        k2 = kj[None, :]
-        tl.store(x_ptr + k2.to(tl.int64) * C + c2, x, mask=(c2 < C) & (k2 < K))
         if j == 0:
             l_bar = d_l
             if X_SHIFT:
                 l_bar += tl.load(shift_ptr + C + kj, mask=kj < K, other=0.0).to(tl.float64)
             tl.store(lmean_ptr + kj, l_bar.to(tl.float32), mask=kj < K)
+        for r0 in tl.static_range(0, BLOCK_C, ROWS):
+            cj = j * BLOCK_C + r0 + rr
+            sx = _sum_partials(xpart_ptr + u.to(tl.int64) * BLOCK_C * BLOCK_K, P,
+                               N_CB * N_KB * BLOCK_C * BLOCK_K, (r0 + rr)[:, None] * BLOCK_K + kk[None, :])
+            d_a = _sum_partials(sa_ptr + j * BLOCK_C + r0, P, N_CB * BLOCK_C, rr) / Mf
+            if G_SHIFT:
+                d_a += tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā
+            if X_SHIFT:
+                d_a -= tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā − s_X
+            x = (sx / Mf - d_a[:, None] * d_l[None, :]).to(tl.float32)
+            c2 = cj[:, None]
+            k2 = kj[None, :]
+            tl.store(x_ptr + k2.to(tl.int64) * C + c2, x, mask=(c2 < C) & (k2 < K))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -552,7 +556,8 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         a_mean, l_mean, G, X,
         splits, C, K, M,
         n_cb, n_gt, n_kb,
-        BLOCK_C=block_c, BLOCK_K=block_k, G_SHIFT=g_mode > 0, X_SHIFT=x_mode > 0,
+        BLOCK_C=block_c, BLOCK_K=block_k, ROWS=16 if interp else min(block_c, 16 if block_k > 64 else 32),
+        G_SHIFT=g_mode > 0, X_SHIFT=x_mode > 0,
         **({} if interp else {"num_warps": 4}),
     )
     return a_mean, l_mean, G, X
