@@ -169,20 +169,29 @@ def _spatial(x: torch.Tensor):
 
 @triton.jit
 def _load_tile(ptr, s_b, s_c, s_h, s_w, b, chan, n, nmask, n_chan, Wd,
-               CHAN_AXIS: tl.constexpr, MERGED: tl.constexpr):
+               CHAN_AXIS: tl.constexpr, MERGED: tl.constexpr, MASK_C: tl.constexpr = True):
     """Tile of one image b: channels ``chan`` × positions ``n`` (channels on
-    axis CHAN_AXIS of the result), masked to 0 outside; raw dtype."""
+    axis CHAN_AXIS of the result), masked to 0 outside; raw dtype.
+    MASK_C=False: every channel of the tile exists, only positions are masked
+    (the mask is then constant along the channel axis, so a channels_last
+    load vectorises and can be software-pipelined with cp.async)."""
     if MERGED:
         noff = n.to(tl.int64) * s_w
     else:
         noff = (n // Wd).to(tl.int64) * s_h + (n % Wd).to(tl.int64) * s_w
     coff = chan.to(tl.int64) * s_c
-    cm = chan < n_chan
     base = ptr + b.to(tl.int64) * s_b
-    if CHAN_AXIS == 0:
-        return tl.load(base + coff[:, None] + noff[None, :], mask=cm[:, None] & nmask[None, :], other=0.0)
+    if MASK_C:
+        cm = chan < n_chan
+        if CHAN_AXIS == 0:
+            return tl.load(base + coff[:, None] + noff[None, :], mask=cm[:, None] & nmask[None, :], other=0.0)
+        else:
+            return tl.load(base + noff[:, None] + coff[None, :], mask=nmask[:, None] & cm[None, :], other=0.0)
     else:
-        return tl.load(base + noff[:, None] + coff[None, :], mask=nmask[:, None] & cm[None, :], other=0.0)
+        if CHAN_AXIS == 0:
+            return tl.load(base + coff[:, None] + noff[None, :], mask=nmask[None, :], other=0.0)
+        else:
+            return tl.load(base + noff[:, None] + coff[None, :], mask=nmask[:, None], other=0.0)
 
 
 @triton.jit
@@ -221,7 +230,8 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
                      BR: tl.constexpr, BCOL: tl.constexpr, BN: tl.constexpr,
                      MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
                      SUM_R: tl.constexpr, SUM_C: tl.constexpr,
-                     R_MERGED: tl.constexpr, C_MERGED: tl.constexpr):
+                     R_MERGED: tl.constexpr, C_MERGED: tl.constexpr,
+                     R_MASK: tl.constexpr, C_MASK: tl.constexpr):
     """acc[r, c] = Σ_m x_r[m] y_c[m] over the position blocks [q_lo, q_hi) of
     rows (channels r0 + [0, BR) of r_ptr) and cols (c0 + [0, BCOL) of c_ptr),
     with s the per-channel shifts at r_shift / c_shift (``_shift_kernel``):
@@ -234,6 +244,8 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
             sums Σ (a − s).
     MODE 2: x = a − s in fp32 before the dot (``input_precision=PREC``);
             sums Σ (a − s).
+    R_MASK / C_MASK = False: the rows / cols block lies inside [0, R_CH) /
+    [0, C_CH), its loads need no channel mask.
     Returns (acc, Σ_m x_r (if SUM_R), Σ_m y_c (if SUM_C)).
     """
     rch = r0 + tl.arange(0, BR)
@@ -255,8 +267,8 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
         b = q // NB
         n = (q - b * NB) * BN + nn
         nmask = n < N
-        x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nmask, R_CH, Wd, 0, R_MERGED)
-        y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nmask, C_CH, Wd, 1, C_MERGED)
+        x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nmask, R_CH, Wd, 0, R_MERGED, R_MASK)
+        y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nmask, C_CH, Wd, 1, C_MERGED, C_MASK)
         if MODE == 2:
             x = tl.where(rmask[:, None] & nmask[None, :], x.to(tl.float32) - sr[:, None], 0.0)
             y = tl.where(nmask[:, None] & cmask[None, :], y.to(tl.float32) - sc[None, :], 0.0)
@@ -294,16 +306,46 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
 
 
 @triton.jit
+def _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+               BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, CORR: tl.constexpr,
+               PREC: tl.constexpr, DOT_F32: tl.constexpr, DIAG: tl.constexpr, MERGED: tl.constexpr,
+               MASK: tl.constexpr):
+    """Gram tile (I, J): (Σ x_I x_Jᵀ, Σ x_I (DIAG only))."""
+    acc, s_r, s_c = _tile_accumulate(
+        a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C, shift_ptr,
+        a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
+        q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
+        MODE, CORR, PREC, DOT_F32, DIAG, False, MERGED, MERGED, MASK, MASK)
+    return acc, s_r
+
+
+@triton.jit
+def _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
+                shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd,
+                BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, MASK_A: tl.constexpr):
+    """Cross tile (A block J, L block kb): (Σ x_J y_kbᵀ, Σ y_kb); the L sums
+    are only stored for J = 0, but cost little (BLOCK_K ≤ 128 channels)."""
+    acc, s_r, s_c = _tile_accumulate(
+        a_ptr, a_sb, a_sc, a_sh, a_sw, C, jx * BLOCK_C, shift_ptr,
+        l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K, shift_ptr + C,
+        q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+        MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED, MASK_A, True)
+    return acc, s_c
+
+
+@triton.jit
 def _moments_partial_kernel(
     a_ptr, l_ptr, gpart_ptr, xpart_ptr, sa_ptr, sl_ptr, shift_ptr,
     C, K, N, Wd, NB, Q_TOTAL, Q_PER,
     a_sb, a_sc, a_sh, a_sw,
     l_sb, l_sc, l_sh, l_sw,
-    N_CB, N_GT, N_KB,
+    N_CB, N_GT, N_KB, N_FULL,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     G_MODE: tl.constexpr, X_MODE: tl.constexpr, CORR: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    A_MERGED: tl.constexpr, L_MERGED: tl.constexpr,
+    A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, SPLIT_FULL: tl.constexpr,
 ):
     """Partial moments of one tile over one range p of positions (see module doc).
 
@@ -315,6 +357,8 @@ def _moments_partial_kernel(
         and, when J == 0, sl[p, kb] = Σ y_kb[m]             (BLOCK_K)
     x = A − s, y = L − t (s, t = 0 in mode 0; see ``_tile_accumulate``).
     shift = [s (C), t (K)] from ``_shift_kernel`` (read in modes 1 and 2).
+    SPLIT_FULL (channels contiguous, e.g. channels_last): tiles whose channel
+    blocks are all below N_FULL·BLOCK_C load without a channel mask.
     """
     t = tl.program_id(0)
     p = tl.program_id(1)
@@ -331,40 +375,53 @@ def _moments_partial_kernel(
         j = i + rem
         cc = tl.arange(0, BLOCK_C)
         out = gpart_ptr + ((p.to(tl.int64) * N_GT + t) * BLOCK_C) * BLOCK_C
-        if i == j:
-            acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C, shift_ptr,
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
-                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
-                G_MODE, CORR, PREC, DOT_F32, True, False, A_MERGED, A_MERGED)
-            tl.store(sa_ptr + (p.to(tl.int64) * N_CB + i) * BLOCK_C + rr, s_r)
+        if SPLIT_FULL:
+            if j < N_FULL:  # I ≤ J < N_FULL: both blocks full, unmasked channel loads
+                if i == j:
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, False)
+                else:
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, False)
+            else:
+                if i == j:
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True)
+                else:
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True)
         else:
-            acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C, shift_ptr,
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
-                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
-                G_MODE, CORR, PREC, DOT_F32, False, False, A_MERGED, A_MERGED)
+            if i == j:
+                acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True)
+            else:
+                acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True)
+        if i == j:
+            tl.store(sa_ptr + (p.to(tl.int64) * N_CB + i) * BLOCK_C + rr, s_r)
         tl.store(out + rr[:, None] * BLOCK_C + cc[None, :], acc)
     else:
         u = t - N_GT
-        j = u // N_KB
-        kb = u - j * N_KB
+        jx = u // N_KB
+        kb = u - jx * N_KB
         kk = tl.arange(0, BLOCK_K)
-        out = xpart_ptr + ((p.to(tl.int64) * (N_CB * N_KB) + u) * BLOCK_C) * BLOCK_K
-        if j == 0:
-            acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
-                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K, shift_ptr + C,
-                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                X_MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED)
-            tl.store(sl_ptr + (p.to(tl.int64) * N_KB + kb) * BLOCK_K + kk, s_c)
+        xout = xpart_ptr + ((p.to(tl.int64) * (N_CB * N_KB) + u) * BLOCK_C) * BLOCK_K
+        if SPLIT_FULL:
+            if jx < N_FULL:
+                xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
+                                         shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, False)
+            else:
+                xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
+                                         shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True)
         else:
-            acc, s_r, s_c = _tile_accumulate(
-                a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
-                l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K, shift_ptr + C,
-                q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                X_MODE, CORR, PREC, DOT_F32, False, False, A_MERGED, L_MERGED)
-        tl.store(out + rr[:, None] * BLOCK_K + kk[None, :], acc)
+            xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
+                                     shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                                     X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True)
+        if jx == 0:
+            tl.store(sl_ptr + (p.to(tl.int64) * N_KB + kb) * BLOCK_K + kk, xs_c)
+        tl.store(xout + rr[:, None] * BLOCK_K + kk[None, :], xacc)
 
 
 @triton.jit
@@ -426,29 +483,29 @@ def _moments_reduce_kernel(
                 tl.store(amean_ptr + ri, a_bar.to(tl.float32), mask=ri < C)
     else:
         u = t - N_GT
-        j = u // N_KB
-        kb = u - j * N_KB
+        jx = u // N_KB
+        kb = u - jx * N_KB
         kk = tl.arange(0, BLOCK_K)
         kj = kb * BLOCK_K + kk
         d_l = _sum_partials(sl_ptr + kb * BLOCK_K, P, N_KB * BLOCK_K, kk) / Mf
-        if j == 0:
+        if jx == 0:
             l_bar = d_l
             if X_SHIFT:
                 l_bar += tl.load(shift_ptr + C + kj, mask=kj < K, other=0.0).to(tl.float64)
             tl.store(lmean_ptr + kj, l_bar.to(tl.float32), mask=kj < K)
         for r0 in tl.static_range(0, BLOCK_C, ROWS):
-            cj = j * BLOCK_C + r0 + rr
-            sx = _sum_partials(xpart_ptr + u.to(tl.int64) * BLOCK_C * BLOCK_K, P,
+            xcj = jx * BLOCK_C + r0 + rr
+            xsx = _sum_partials(xpart_ptr + u.to(tl.int64) * BLOCK_C * BLOCK_K, P,
                                N_CB * N_KB * BLOCK_C * BLOCK_K, (r0 + rr)[:, None] * BLOCK_K + kk[None, :])
-            d_a = _sum_partials(sa_ptr + j * BLOCK_C + r0, P, N_CB * BLOCK_C, rr) / Mf
+            xd_a = _sum_partials(sa_ptr + jx * BLOCK_C + r0, P, N_CB * BLOCK_C, rr) / Mf
             if G_SHIFT:
-                d_a += tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā
+                xd_a += tl.load(shift_ptr + xcj, mask=xcj < C, other=0.0).to(tl.float64)  # Ā
             if X_SHIFT:
-                d_a -= tl.load(shift_ptr + cj, mask=cj < C, other=0.0).to(tl.float64)  # Ā − s_X
-            x = (sx / Mf - d_a[:, None] * d_l[None, :]).to(tl.float32)
-            c2 = cj[:, None]
-            k2 = kj[None, :]
-            tl.store(x_ptr + k2.to(tl.int64) * C + c2, x, mask=(c2 < C) & (k2 < K))
+                xd_a -= tl.load(shift_ptr + xcj, mask=xcj < C, other=0.0).to(tl.float64)  # Ā − s_X
+            xv = (xsx / Mf - xd_a[:, None] * d_l[None, :]).to(tl.float32)
+            xc2 = xcj[:, None]
+            xk2 = kj[None, :]
+            tl.store(x_ptr + xk2.to(tl.int64) * C + xc2, xv, mask=(xc2 < C) & (xk2 < K))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -535,17 +592,22 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     if num_warps is not None or not interp:
         opts["num_warps"] = num_warps or (8 if block_c >= 128 else 4)
     if num_stages is not None or not interp:
-        opts["num_stages"] = num_stages or 3
+        # sm_90 AOT compile (no GPU here): fp32 channels_last at BLOCK_C 128,
+        # BLOCK_N 32 needs 256 KiB of shared memory with 3 stages (> 227 KiB),
+        # 160 KiB with 2; NCHW fp32 128 KiB with 3; bf16 ≤ 128 KiB with 3.
+        chan_contig = feats.stride(1) == 1 and C > 1
+        opts["num_stages"] = num_stages or (2 if (feats.dtype == torch.float32 and chan_contig) else 3)
     _moments_partial_kernel[(n_tiles, splits)](
         feats, class_logits, gpart, xpart, sa, sl, shift,
         C, K, N, Wd, NB, q_total, q_per,
         feats.stride(0), feats.stride(1), a_sh, a_sw,
         class_logits.stride(0), class_logits.stride(1), l_sh, l_sw,
-        n_cb, n_gt, n_kb,
+        n_cb, n_gt, n_kb, C // block_c,
         BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n,
         G_MODE=g_mode, X_MODE=x_mode, CORR=max(1, int(recenter_every)), PREC=fp32_precision,
         DOT_F32=bool(_interpreting() and feats.dtype == torch.bfloat16),
-        A_MERGED=a_merged, L_MERGED=l_merged, **opts,
+        A_MERGED=a_merged, L_MERGED=l_merged,
+        SPLIT_FULL=bool(feats.stride(1) == 1 and C > 1 and C % block_c != 0), **opts,
     )
     a_mean = torch.empty(C, dtype=f32, device=dev)
     l_mean = torch.empty(K, dtype=f32, device=dev)

@@ -107,10 +107,14 @@ def test_moments_unmergeable_spatial_view():
     dict(recenter_every=0),                         # raw 16-bit accumulation, centred in the reduce
 ], ids=["bc16-p1", "bc16-p7-r1", "bc16-bn32-p3-r3", "r0"])
 @pytest.mark.parametrize("dtypes", [(F32, F32), (BF16, BF16), (F16, F16)], ids=["f32", "bf16", "f16"])
-def test_moments_tilings(kw, dtypes):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_moments_tilings(kw, dtypes, layout):
+    """Several channel blocks (full ones load unmasked when channels are
+    contiguous), several position ranges, several class blocks."""
     dev = kernel_device()
     mm = _moments_module()
     a, l = _inputs(3, 37, 37, 5, 7, *dtypes, dev)  # K = 37: two class blocks of the cross term
+    a, l = make_layout(a, layout), make_layout(l, layout)
     out = mm.batch_moments(a, l, **kw)
     _check(out, _expected(a, l), f" {kw}")
     G = out[2]
