@@ -592,11 +592,12 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     if num_warps is not None or not interp:
         opts["num_warps"] = num_warps or (8 if block_c >= 128 else 4)
     if num_stages is not None or not interp:
-        # sm_90 AOT compile (no GPU here): fp32 channels_last at BLOCK_C 128,
-        # BLOCK_N 32 needs 256 KiB of shared memory with 3 stages (> 227 KiB),
-        # 160 KiB with 2; NCHW fp32 128 KiB with 3; bf16 ≤ 128 KiB with 3.
+        # sm_90 AOT compile (benchmarks/aot_moments.py, no GPU here): with
+        # channels contiguous (channels_last) 3 stages need 256 KiB of shared
+        # memory (> 227 KiB: launch fails), 2 stages 128 (bf16) / 160 (fp32)
+        # KiB; NCHW with 3 stages 64 (bf16) / 128 (fp32) KiB.
         chan_contig = feats.stride(1) == 1 and C > 1
-        opts["num_stages"] = num_stages or (2 if (feats.dtype == torch.float32 and chan_contig) else 3)
+        opts["num_stages"] = num_stages or (2 if chan_contig else 3)
     _moments_partial_kernel[(n_tiles, splits)](
         feats, class_logits, gpart, xpart, sa, sl, shift,
         C, K, N, Wd, NB, q_total, q_per,
@@ -620,6 +621,6 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         n_cb, n_gt, n_kb,
         BLOCK_C=block_c, BLOCK_K=block_k, ROWS=16 if interp else min(block_c, 16 if block_k > 64 else 32),
         G_SHIFT=g_mode > 0, X_SHIFT=x_mode > 0,
-        **({} if interp else {"num_warps": 4}),
+        **({} if interp else {"num_warps": 8}),  # 4 warps spill (float64 tile; sm_90 AOT)
     )
     return a_mean, l_mean, G, X
