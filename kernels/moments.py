@@ -516,15 +516,19 @@ _SIXTEEN = (torch.float16, torch.bfloat16)
 def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
                   block_c: int | None = None, block_n: int | None = None, splits: int | None = None,
                   fp32_precision: str | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, recenter_every: int | None = None):
+                  num_stages: int | None = None, recenter_every: int | None = None, wrap=None):
     """(Ā (C,), L̄ (K,), G (C, C), X (K, C)) float32 of SPEC §2 (see module doc).
 
     ``feats`` (B, C, H, W) and ``class_logits`` (B, K, H, W) (also (B, C, N)
     or (B, C)) in float32/float16/bfloat16, any strides, dtypes may differ.
     The keyword arguments are tuning knobs (defaults: GPU heuristics, small
     blocks under the interpreter); ``splits`` is P, the number of position
-    ranges. Inputs are assumed validated (``debias_ops.validation``).
+    ranges; ``recenter_every`` is R of the 16-bit mode (0: mode 0). ``wrap``
+    is applied to every kernel before launch: pass ``torch.library.wrap_triton``
+    inside a ``torch.library.triton_op`` body so torch.compile traces the
+    launches. Inputs are assumed validated (``debias_ops.validation``).
     """
+    launch = wrap if wrap is not None else (lambda kernel: kernel)
     B, C = feats.shape[:2]
     K = class_logits.shape[1]
     dev = feats.device
@@ -583,7 +587,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     sl = torch.empty(splits * n_kb * block_k, dtype=f32, device=dev)
     shift = torch.empty(C + K, dtype=f32, device=dev)
     block_s = 16 if interp else 64
-    _shift_kernel[(triton.cdiv(C, block_s) + triton.cdiv(K, block_s),)](
+    launch(_shift_kernel)[(triton.cdiv(C, block_s) + triton.cdiv(K, block_s),)](
         feats, class_logits, shift, C, K, N, Wd,
         feats.stride(1), a_sh, a_sw, class_logits.stride(1), l_sh, l_sw,
         BLOCK_S=block_s, A_MERGED=a_merged, L_MERGED=l_merged,
@@ -598,7 +602,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         # KiB; NCHW with 3 stages 64 (bf16) / 128 (fp32) KiB.
         chan_contig = feats.stride(1) == 1 and C > 1
         opts["num_stages"] = num_stages or (2 if chan_contig else 3)
-    _moments_partial_kernel[(n_tiles, splits)](
+    launch(_moments_partial_kernel)[(n_tiles, splits)](
         feats, class_logits, gpart, xpart, sa, sl, shift,
         C, K, N, Wd, NB, q_total, q_per,
         feats.stride(0), feats.stride(1), a_sh, a_sw,
@@ -614,7 +618,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     l_mean = torch.empty(K, dtype=f32, device=dev)
     G = torch.empty(C, C, dtype=f32, device=dev)
     X = torch.empty(K, C, dtype=f32, device=dev)
-    _moments_reduce_kernel[(n_tiles,)](
+    launch(_moments_reduce_kernel)[(n_tiles,)](
         gpart, xpart, sa, sl, shift,
         a_mean, l_mean, G, X,
         splits, C, K, M,

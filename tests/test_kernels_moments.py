@@ -219,3 +219,15 @@ def test_moments_gpu_full_size(shape, dtype, data):
     out2 = mm.batch_moments(a, l)
     for x, y in zip(out, out2):
         assert torch.equal(x, y)
+
+
+def test_moments_wrap_triton():
+    """The launches go through ``wrap`` (torch.library.wrap_triton inside a
+    triton_op); eagerly it runs the same kernels."""
+    dev = kernel_device()
+    mm = _moments_module()
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    if wrap_triton is None:
+        pytest.skip("torch.library.wrap_triton needs torch >= 2.6")
+    a, l = _inputs(2, 9, 3, 4, 5, BF16, F32, dev)
+    _check(mm.batch_moments(a, l, wrap=wrap_triton), _expected(a, l))
