@@ -31,9 +31,10 @@ Three launches, no host sync, no N-sized intermediate:
    Programs are launched tile-fastest, so the ~tiles programs that share a
    position range run together and A is fetched from DRAM about once (the
    re-reads of a range by the other tiles of its row/column hit L2).
-   Per-channel sums (for the means) are taken only where needed: by the
-   diagonal Gram tiles (A sums of block I) and by the cross tiles of A block
-   0 (L sums), so the other tiles do no CUDA-core work beside the dot.
+   The per-channel sums for the means are kept from the diagonal Gram
+   tiles (A, block I) and the cross tiles of A block 0 (L); in modes 0 and
+   2 the other Gram tiles do no CUDA-core work beside the dot (mode 1 sums
+   every operand tile for its re-centring, see Numerics).
 2. ``_moments_reduce_kernel``, grid (tiles,): sums the P partials of each
    tile in a fixed order in float64 (deterministic: no atomics, the same
    bits on every run), removes the mean, scales by 1/M, writes G (both
@@ -82,7 +83,14 @@ Layout: A is read through its strides as (B, C, H, W) (N-contiguous NCHW,
 C-contiguous channels_last, or any view) with int64 offsets; when H and W
 merge into one axis of stride s_w (NCHW, channels_last, or a last-axis
 slice) the kernel uses n·s_w, else it splits n = h·W + w. ``feats`` and
-``class_logits`` may have different dtypes and layouts.
+``class_logits`` may have different dtypes and layouts. When channels are
+the contiguous axis (channels_last), tiles made only of full channel blocks
+load without a channel mask (a mask varying along the contiguous axis stops
+vectorised cp.async copies, hence software pipelining, for 16-bit data).
+
+Interpreter: Triton 3.9's interpreter multiplies bf16 ``tl.dot`` operands as
+their raw uint16 bits (garbage); under TRITON_INTERPRET=1 bf16 tiles are
+widened to fp32 first (exact), so CI checks the same math.
 """
 from __future__ import annotations
 
