@@ -231,3 +231,25 @@ def test_moments_wrap_triton():
         pytest.skip("torch.library.wrap_triton needs torch >= 2.6")
     a, l = _inputs(2, 9, 3, 4, 5, BF16, F32, dev)
     _check(mm.batch_moments(a, l, wrap=wrap_triton), _expected(a, l))
+
+
+@pytest.mark.gpu
+def test_moments_gpu_int64_offsets():
+    """Image 1 lies 2³¹ elements past image 0 in one storage: 32-bit offsets
+    would wrap and read image 0 (or fault)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    mm = _moments_module()
+    dev = torch.device("cuda")
+    B, C, K, H, W = 2, 24, 5, 16, 16
+    big = 2 ** 31
+    try:
+        store_a = torch.zeros(big + C * H * W, dtype=BF16, device=dev)
+    except torch.OutOfMemoryError:
+        pytest.skip("needs 4 GiB of free GPU memory")
+    a = store_a.as_strided((B, C, H, W), (big, H * W, W, 1))
+    a.copy_(torch.randn(B, C, H, W, device=dev).to(BF16) + 2.0)
+    l = torch.randn(B, K, H, W, device=dev)
+    exp = _expected(a, l)
+    _check(mm.batch_moments(a, l), exp)
+    del store_a
