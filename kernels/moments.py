@@ -177,29 +177,44 @@ def _spatial(x: torch.Tensor):
 
 @triton.jit
 def _load_tile(ptr, s_b, s_c, s_h, s_w, b, chan, n, nmask, n_chan, Wd,
-               CHAN_AXIS: tl.constexpr, MERGED: tl.constexpr, MASK_C: tl.constexpr = True):
+               CHAN_AXIS: tl.constexpr, MERGED: tl.constexpr, MASK_C: tl.constexpr = True,
+               MASK_N: tl.constexpr = True):
     """Tile of one image b: channels ``chan`` × positions ``n`` (channels on
     axis CHAN_AXIS of the result), masked to 0 outside; raw dtype.
-    MASK_C=False: every channel of the tile exists, only positions are masked
-    (the mask is then constant along the channel axis, so a channels_last
-    load vectorises and can be software-pipelined with cp.async)."""
+    MASK_C=False: every channel of the tile exists; MASK_N=False: every
+    position exists (``nmask`` unused). Masks that do not vary along the
+    contiguous axis keep the loads vectorised, so that 16-bit tiles can be
+    software-pipelined with cp.async (≥ 4-byte copies)."""
     if MERGED:
         noff = n.to(tl.int64) * s_w
     else:
         noff = (n // Wd).to(tl.int64) * s_h + (n % Wd).to(tl.int64) * s_w
     coff = chan.to(tl.int64) * s_c
-    base = ptr + b.to(tl.int64) * s_b
-    if MASK_C:
-        cm = chan < n_chan
-        if CHAN_AXIS == 0:
-            return tl.load(base + coff[:, None] + noff[None, :], mask=cm[:, None] & nmask[None, :], other=0.0)
+    base = ptr + tl.cast(b, tl.int64) * s_b
+    if CHAN_AXIS == 0:
+        ptrs = base + coff[:, None] + noff[None, :]
+        if MASK_C:
+            if MASK_N:
+                return tl.load(ptrs, mask=(chan < n_chan)[:, None] & nmask[None, :], other=0.0)
+            else:
+                return tl.load(ptrs, mask=(chan < n_chan)[:, None], other=0.0)
         else:
-            return tl.load(base + noff[:, None] + coff[None, :], mask=nmask[:, None] & cm[None, :], other=0.0)
+            if MASK_N:
+                return tl.load(ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                return tl.load(ptrs)
     else:
-        if CHAN_AXIS == 0:
-            return tl.load(base + coff[:, None] + noff[None, :], mask=nmask[None, :], other=0.0)
+        ptrs = base + noff[:, None] + coff[None, :]
+        if MASK_C:
+            if MASK_N:
+                return tl.load(ptrs, mask=nmask[:, None] & (chan < n_chan)[None, :], other=0.0)
+            else:
+                return tl.load(ptrs, mask=(chan < n_chan)[None, :], other=0.0)
         else:
-            return tl.load(base + noff[:, None] + coff[None, :], mask=nmask[:, None], other=0.0)
+            if MASK_N:
+                return tl.load(ptrs, mask=nmask[:, None], other=0.0)
+            else:
+                return tl.load(ptrs)
 
 
 @triton.jit
@@ -221,32 +236,79 @@ def _shift_kernel(a_ptr, l_ptr, shift_ptr, C, K, N, Wd,
     zero = pid * 0
     if pid < n_ab:
         ch = pid * BLOCK_S + tl.arange(0, BLOCK_S)
-        x = _load_tile(a_ptr, 0, a_sc, a_sh, a_sw, zero, ch, n, nmask, C, Wd, 0, A_MERGED)
+        x = _load_tile(a_ptr, 0, a_sc, a_sh, a_sw, zero, ch, n, nmask, C, Wd, 0, A_MERGED, True, True)
         s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
         tl.store(shift_ptr + ch, s, mask=ch < C)
     else:
         ch = (pid - n_ab) * BLOCK_S + tl.arange(0, BLOCK_S)
-        x = _load_tile(l_ptr, 0, l_sc, l_sh, l_sw, zero, ch, n, nmask, K, Wd, 0, L_MERGED)
+        x = _load_tile(l_ptr, 0, l_sc, l_sh, l_sw, zero, ch, n, nmask, K, Wd, 0, L_MERGED, True, True)
         s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
         tl.store(shift_ptr + C + ch, s, mask=ch < K)
 
 
 @triton.jit
+def _block_step(acc, sum_r, sum_c, pend_r, pend_c, pend_n, x, y, xm, ym, n_valid, flush, sr, sc,
+                MODE: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                SUM_R: tl.constexpr, SUM_C: tl.constexpr):
+    """One position block: acc += x·y (see ``_tile_accumulate`` for the modes);
+    xm / ym: where the loaded values exist (broadcastable to x / y)."""
+    if MODE == 2:
+        x = tl.where(xm, x.to(tl.float32) - sr[:, None], 0.0)
+        y = tl.where(ym, y.to(tl.float32) - sc[None, :], 0.0)
+        acc = tl.dot(x, y, acc, input_precision=PREC)
+        if SUM_R:
+            sum_r += tl.sum(x, axis=1)
+        if SUM_C:
+            sum_c += tl.sum(y, axis=0)
+    else:
+        if DOT_F32:
+            # the Triton 3.9 interpreter multiplies bf16 tiles as their uint16 bits:
+            # there, widen (exactly) to fp32 and multiply in IEEE fp32 (exact products)
+            acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
+        if MODE == 0:
+            if SUM_R:
+                sum_r += tl.sum(x.to(tl.float32), axis=1)
+            if SUM_C:
+                sum_c += tl.sum(y.to(tl.float32), axis=0)
+        else:
+            pend_r += tl.sum(tl.where(xm, x.to(tl.float32) - sr[:, None], 0.0), axis=1)
+            pend_c += tl.sum(tl.where(ym, y.to(tl.float32) - sc[None, :], 0.0), axis=0)
+            pend_n += n_valid
+            if flush:
+                # re-centre: acc −= s_r (P_c + n s_c/2)ᵀ + (P_r + n s_r/2) s_cᵀ
+                ur = pend_r + (0.5 * pend_n) * sr
+                uc = pend_c + (0.5 * pend_n) * sc
+                acc -= sr[:, None] * uc[None, :] + ur[:, None] * sc[None, :]
+                sum_r += pend_r
+                sum_c += pend_c
+                pend_r = pend_r * 0.0
+                pend_c = pend_c * 0.0
+                pend_n = pend_n * 0.0
+    return acc, sum_r, sum_c, pend_r, pend_c, pend_n
+
+
+@triton.jit
 def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
                      c_ptr, c_sb, c_sc, c_sh, c_sw, C_CH, c0, c_shift,
-                     q_lo, q_hi, NB, N, Wd,
+                     q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
                      BR: tl.constexpr, BCOL: tl.constexpr, BN: tl.constexpr,
                      MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
                      SUM_R: tl.constexpr, SUM_C: tl.constexpr,
                      R_MERGED: tl.constexpr, C_MERGED: tl.constexpr,
-                     R_MASK: tl.constexpr, C_MASK: tl.constexpr):
-    """acc[r, c] = Σ_m x_r[m] y_c[m] over the position blocks [q_lo, q_hi) of
-    rows (channels r0 + [0, BR) of r_ptr) and cols (c0 + [0, BCOL) of c_ptr),
-    with s the per-channel shifts at r_shift / c_shift (``_shift_kernel``):
+                     R_MASK: tl.constexpr, C_MASK: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """acc[r, c] = Σ_m x_r[m] y_c[m] over this program's positions, rows =
+    channels r0 + [0, BR) of r_ptr, cols = channels c0 + [0, BCOL) of c_ptr:
+    the full position blocks q ∈ [q_lo, q_hi) (image q // NBF, NBF = ⌊N/BN⌋
+    full blocks per image; loads without a position mask), then, if HAS_TAIL,
+    the last partial block (positions NBF·BN … N−1) of images [t_lo, t_hi).
+    With s the per-channel shifts at r_shift / c_shift (``_shift_kernel``):
 
     MODE 0: x = a, y = l (raw values: exact 16-bit products); sums Σ a.
-    MODE 1: raw values in the dot, and every CORR blocks the accumulator is
-            re-centred on s with the pending sums P_x = Σ (a − s), n:
+    MODE 1: raw values in the dot, and every CORR blocks (and at the end) the
+            accumulator is re-centred on s with the pending sums
+            P_x = Σ (a − s) and count n:
                 acc −= s_r (P_y + n s_c/2)ᵀ + (P_x + n s_r/2) s_cᵀ
             so acc = Σ (a − s_r)(l − s_c)ᵀ stays at the centred magnitude;
             sums Σ (a − s).
@@ -264,96 +326,81 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
     acc = tl.zeros((BR, BCOL), dtype=tl.float32)
     sum_r = tl.zeros((BR,), dtype=tl.float32)
     sum_c = tl.zeros((BCOL,), dtype=tl.float32)
+    pend_r = tl.zeros((BR,), dtype=tl.float32)
+    pend_c = tl.zeros((BCOL,), dtype=tl.float32)
+    pend_n = tl.sum(tl.zeros((BN,), dtype=tl.float32), axis=0)
     if MODE != 0:
         sr = tl.load(r_shift + rch, mask=rmask, other=0.0)
         sc = tl.load(c_shift + cch, mask=cmask, other=0.0)
-    if MODE == 1:
-        pend_r = tl.zeros((BR,), dtype=tl.float32)
-        pend_c = tl.zeros((BCOL,), dtype=tl.float32)
-        pend_n = tl.sum(tl.zeros((BN,), dtype=tl.float32), axis=0)
+    else:
+        sr = tl.zeros((BR,), dtype=tl.float32)
+        sc = tl.zeros((BCOL,), dtype=tl.float32)
+    # full blocks: no position mask
     for q in range(q_lo, q_hi):
-        b = q // NB
-        n = (q - b * NB) * BN + nn
+        b = q // NBF
+        n = (q - b * NBF) * BN + nn
+        x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nn, R_CH, Wd, 0, R_MERGED, R_MASK, False)
+        y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nn, C_CH, Wd, 1, C_MERGED, C_MASK, False)
+        flush = ((q - q_lo) % CORR == CORR - 1) | (q == q_hi - 1)
+        acc, sum_r, sum_c, pend_r, pend_c, pend_n = _block_step(
+            acc, sum_r, sum_c, pend_r, pend_c, pend_n, x, y, rmask[:, None], cmask[None, :],
+            BN * 1.0, flush, sr, sc, MODE, PREC, DOT_F32, SUM_R, SUM_C)
+    if HAS_TAIL:
+        # the last, partial position block of each image in [t_lo, t_hi)
+        n = NBF * BN + nn
         nmask = n < N
-        x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nmask, R_CH, Wd, 0, R_MERGED, R_MASK)
-        y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nmask, C_CH, Wd, 1, C_MERGED, C_MASK)
-        if MODE == 2:
-            x = tl.where(rmask[:, None] & nmask[None, :], x.to(tl.float32) - sr[:, None], 0.0)
-            y = tl.where(nmask[:, None] & cmask[None, :], y.to(tl.float32) - sc[None, :], 0.0)
-            acc = tl.dot(x, y, acc, input_precision=PREC)
-            if SUM_R:
-                sum_r += tl.sum(x, axis=1)
-            if SUM_C:
-                sum_c += tl.sum(y, axis=0)
-        else:
-            if DOT_F32:
-                # the Triton 3.9 interpreter multiplies bf16 tiles as their uint16 bits:
-                # there, widen (exactly) to fp32 and multiply in IEEE fp32 (exact products)
-                acc = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, y, acc)
-            if MODE == 0:
-                if SUM_R:
-                    sum_r += tl.sum(x.to(tl.float32), axis=1)
-                if SUM_C:
-                    sum_c += tl.sum(y.to(tl.float32), axis=0)
-            else:
-                pend_r += tl.sum(tl.where(rmask[:, None] & nmask[None, :], x.to(tl.float32) - sr[:, None], 0.0), axis=1)
-                pend_c += tl.sum(tl.where(nmask[:, None] & cmask[None, :], y.to(tl.float32) - sc[None, :], 0.0), axis=0)
-                pend_n += tl.minimum(N - (q - b * NB) * BN, BN).to(tl.float32)
-                if ((q - q_lo) % CORR == CORR - 1) | (q == q_hi - 1):
-                    ur = pend_r + (0.5 * pend_n) * sr
-                    uc = pend_c + (0.5 * pend_n) * sc
-                    acc -= sr[:, None] * uc[None, :] + ur[:, None] * sc[None, :]
-                    sum_r += pend_r
-                    sum_c += pend_c
-                    pend_r = tl.zeros((BR,), dtype=tl.float32)
-                    pend_c = tl.zeros((BCOL,), dtype=tl.float32)
-                    pend_n = pend_n * 0.0
+        for b in range(t_lo, t_hi):
+            x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nmask, R_CH, Wd, 0, R_MERGED, R_MASK, True)
+            y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nmask, C_CH, Wd, 1, C_MERGED, C_MASK, True)
+            acc, sum_r, sum_c, pend_r, pend_c, pend_n = _block_step(
+                acc, sum_r, sum_c, pend_r, pend_c, pend_n, x, y,
+                rmask[:, None] & nmask[None, :], nmask[:, None] & cmask[None, :],
+                (N - NBF * BN) * 1.0, b == b, sr, sc, MODE, PREC, DOT_F32, SUM_R, SUM_C)
     return acc, sum_r, sum_c
 
 
 @triton.jit
-def _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
+def _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
                BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, CORR: tl.constexpr,
                PREC: tl.constexpr, DOT_F32: tl.constexpr, DIAG: tl.constexpr, MERGED: tl.constexpr,
-               MASK: tl.constexpr):
+               MASK: tl.constexpr, HAS_TAIL: tl.constexpr):
     """Gram tile (I, J): (Σ x_I x_Jᵀ, Σ x_I (DIAG only))."""
     acc, s_r, s_c = _tile_accumulate(
         a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C, shift_ptr,
         a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
-        q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
-        MODE, CORR, PREC, DOT_F32, DIAG, False, MERGED, MERGED, MASK, MASK)
+        q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
+        MODE, CORR, PREC, DOT_F32, DIAG, False, MERGED, MERGED, MASK, MASK, HAS_TAIL)
     return acc, s_r
 
 
 @triton.jit
 def _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
-                shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd,
+                shift_ptr, jx, kb, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                 MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
-                A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, MASK_A: tl.constexpr):
+                A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, MASK_A: tl.constexpr,
+                HAS_TAIL: tl.constexpr):
     """Cross tile (A block J, L block kb): (Σ x_J y_kbᵀ, Σ y_kb); the L sums
     are only stored for J = 0, but cost little (BLOCK_K ≤ 128 channels)."""
     acc, s_r, s_c = _tile_accumulate(
         a_ptr, a_sb, a_sc, a_sh, a_sw, C, jx * BLOCK_C, shift_ptr,
         l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K, shift_ptr + C,
-        q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-        MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED, MASK_A, True)
+        q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+        MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED, MASK_A, True, HAS_TAIL)
     return acc, s_c
 
 
 @triton.jit
 def _moments_partial_kernel(
     a_ptr, l_ptr, gpart_ptr, xpart_ptr, sa_ptr, sl_ptr, shift_ptr,
-    C, K, N, Wd, NB, Q_TOTAL, Q_PER,
+    C, K, N, Wd, NBF, Q_TOTAL, Q_PER, B, T_PER,
     a_sb, a_sc, a_sh, a_sw,
     l_sb, l_sc, l_sh, l_sw,
     N_CB, N_GT, N_KB, N_FULL,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     G_MODE: tl.constexpr, X_MODE: tl.constexpr, CORR: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
-    A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, SPLIT_FULL: tl.constexpr,
+    A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, SPLIT_FULL: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
     """Partial moments of one tile over one range p of positions (see module doc).
 
@@ -370,8 +417,10 @@ def _moments_partial_kernel(
     """
     t = tl.program_id(0)
     p = tl.program_id(1)
-    q_lo = p * Q_PER
+    q_lo = p * Q_PER  # full position blocks [q_lo, q_hi) of the B·NBF
     q_hi = tl.minimum(q_lo + Q_PER, Q_TOTAL)
+    t_lo = p * T_PER  # images whose partial last block this program takes
+    t_hi = tl.minimum(t_lo + T_PER, B)
     rr = tl.arange(0, BLOCK_C)
     if t < N_GT:
         # upper-triangle tile index -> (I, J), row-major over I ≤ J
@@ -386,25 +435,25 @@ def _moments_partial_kernel(
         if SPLIT_FULL:
             if j < N_FULL:  # I ≤ J < N_FULL: both blocks full, unmasked channel loads
                 if i == j:
-                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, False)
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, False, HAS_TAIL)
                 else:
-                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, False)
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, False, HAS_TAIL)
             else:
                 if i == j:
-                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True)
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True, HAS_TAIL)
                 else:
-                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True)
+                    acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True, HAS_TAIL)
         else:
             if i == j:
-                acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
-                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True)
+                acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
+                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True, HAS_TAIL)
             else:
-                acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, NB, N, Wd,
-                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True)
+                acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
+                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True, HAS_TAIL)
         if i == j:
             tl.store(sa_ptr + (p.to(tl.int64) * N_CB + i) * BLOCK_C + rr, s_r)
         tl.store(out + rr[:, None] * BLOCK_C + cc[None, :], acc)
@@ -417,16 +466,16 @@ def _moments_partial_kernel(
         if SPLIT_FULL:
             if jx < N_FULL:
                 xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
-                                         shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, False)
+                                         shift_ptr, jx, kb, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, False, HAS_TAIL)
             else:
                 xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
-                                         shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True)
+                                         shift_ptr, jx, kb, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True, HAS_TAIL)
         else:
             xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
-                                     shift_ptr, jx, kb, q_lo, q_hi, NB, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                                     X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True)
+                                     shift_ptr, jx, kb, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
+                                     X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True, HAS_TAIL)
         if jx == 0:
             tl.store(sl_ptr + (p.to(tl.int64) * N_KB + kb) * BLOCK_K + kk, xs_c)
         tl.store(xout + rr[:, None] * BLOCK_K + kk[None, :], xacc)
@@ -566,17 +615,19 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     n_kb = triton.cdiv(K, block_k)
     n_gt = n_cb * (n_cb + 1) // 2
     n_tiles = n_gt + n_cb * n_kb
-    NB = triton.cdiv(N, block_n)
-    q_total = B * NB
+    nbf = N // block_n                  # full position blocks per image
+    has_tail = N % block_n != 0         # plus one partial block per image
+    q_total = B * nbf
+    n_blocks = B * triton.cdiv(N, block_n)
     if splits is None:
         if interp:
             splits = 2
         else:
             sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
-            splits = _pick_splits(n_tiles, q_total, sms)
-    splits = max(1, min(int(splits), q_total))
-    q_per = triton.cdiv(q_total, splits)
-    splits = triton.cdiv(q_total, q_per)  # no empty range
+            splits = _pick_splits(n_tiles, n_blocks, sms)
+    splits = max(1, min(int(splits), n_blocks))
+    q_per = triton.cdiv(q_total, splits)   # full blocks per program (may be 0)
+    t_per = triton.cdiv(B, splits)         # partial blocks (images) per program
 
     Ha, Wa, a_sh, a_sw, a_merged = _spatial(feats)
     Hl, Wl, l_sh, l_sw, l_merged = _spatial(class_logits)
@@ -612,7 +663,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         opts["num_stages"] = num_stages or (2 if chan_contig else 3)
     launch(_moments_partial_kernel)[(n_tiles, splits)](
         feats, class_logits, gpart, xpart, sa, sl, shift,
-        C, K, N, Wd, NB, q_total, q_per,
+        C, K, N, Wd, nbf, q_total, q_per, B, t_per,
         feats.stride(0), feats.stride(1), a_sh, a_sw,
         class_logits.stride(0), class_logits.stride(1), l_sh, l_sw,
         n_cb, n_gt, n_kb, C // block_c,
@@ -620,7 +671,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         G_MODE=g_mode, X_MODE=x_mode, CORR=max(1, int(recenter_every)), PREC=fp32_precision,
         DOT_F32=bool(_interpreting() and feats.dtype == torch.bfloat16),
         A_MERGED=a_merged, L_MERGED=l_merged,
-        SPLIT_FULL=bool(feats.stride(1) == 1 and C > 1 and C % block_c != 0), **opts,
+        SPLIT_FULL=bool(feats.stride(1) == 1 and C > 1 and C % block_c != 0), HAS_TAIL=has_tail, **opts,
     )
     a_mean = torch.empty(C, dtype=f32, device=dev)
     l_mean = torch.empty(K, dtype=f32, device=dev)
