@@ -24,10 +24,12 @@ Three launches, no host sync, no N-sized intermediate:
    either an upper-triangle Gram tile (I ≤ J, BLOCK_C × BLOCK_C; G is
    symmetric, the lower triangle is mirrored at the end) or a cross tile
    Xᵀ (A block J × L block, BLOCK_C × BLOCK_K: A is the wide operand so the
-   tensor-core M dimension is ≥ 64 even for K = 19). The position axis is
-   split into P contiguous ranges of (image b, BLOCK_N-block) pairs (a block
-   never straddles two images); program (t, p) accumulates its tile over its
-   range with ``tl.dot`` into fp32 registers and writes one fp32 partial.
+   tensor-core M dimension is ≥ 64 even for K = 19). The full position
+   blocks (image b, BLOCK_N positions; never straddling two images) are
+   split into P contiguous ranges, and the partial last block of each image
+   (when BLOCK_N ∤ N) goes to the P programs in turn after their main loop,
+   so main-loop loads carry no position mask. Program (t, p) accumulates
+   its tile with ``tl.dot`` into fp32 registers and writes one fp32 partial.
    Programs are launched tile-fastest, so the ~tiles programs that share a
    position range run together and A is fetched from DRAM about once (the
    re-reads of a range by the other tiles of its row/column hit L2).
