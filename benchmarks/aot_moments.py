@@ -4,9 +4,9 @@ compiler did: tensor-core instructions (wgmma), software-pipelined loads
 
     TRITON_DEFAULT_FP_FUSION=1 python benchmarks/aot_moments.py [case ...]
 
-Cases: bf16-nchw bf16-nchw-oddN bf16-cl fp32-nchw fp32-cl mixed-nchw fp16-raw-nchw
+Cases: bf16-nchw bf16-nchw-oddN bf16-cl bf16-cl-bn64-s2 bf16-cl-tl.sum fp32-nchw fp32-cl mixed-nchw fp16-raw-nchw
 bf16-nchw-bc64 reduce-w4 reduce-r16 reduce-w8 shift (default: all;
-the launcher's defaults are bf16-nchw, fp32-nchw, bf16-cl-s2, fp32-cl, reduce-w8). Arguments are given the
+the launcher's defaults are bf16-nchw, fp32-nchw, bf16-cl, fp32-cl, reduce-w8). Arguments are given the
 specialisations a real launch gets (unit strides as constants, 16-divisible
 sizes/strides), W48-like: C divisible by 16, not by BLOCK_C.
 
@@ -72,13 +72,14 @@ def _compile(fn, sig_types, const, div, warps, stages=None):
     return triton.compile(src, target=TARGET, options=opts)
 
 
-def partial(dt_a, dt_l, g_mode, x_mode, layout, bc=128, bk=32, bn=64, warps=8, stages=3, corr=4, tail=False):
+def partial(dt_a, dt_l, g_mode, x_mode, layout, bc=128, bk=32, bn=64, warps=8, stages=3, corr=4, tail=False,
+            sum_dot=None):
     ptr = {"a_ptr": "*" + dt_a, "l_ptr": "*" + dt_l}
     for n in ("gpart_ptr", "xpart_ptr", "sa_ptr", "sl_ptr", "shift_ptr"):
         ptr[n] = "*fp32"
     const = dict(BLOCK_C=bc, BLOCK_K=bk, BLOCK_N=bn, G_MODE=g_mode, X_MODE=x_mode, CORR=corr, PREC="tf32x3",
                  DOT_F32=False, A_MERGED=True, L_MERGED=True, SPLIT_FULL=(layout == "cl"),
-                 HAS_TAIL=tail)
+                 HAS_TAIL=tail, SUM_DOT=(layout == "cl") if sum_dot is None else sum_dot)
     const.update({"a_sw": 1, "l_sw": 1} if layout == "nchw" else {"a_sc": 1, "l_sc": 1})
     div = list(ptr) + ["a_sb", "a_sc", "a_sh", "a_sw", "l_sb", "l_sc", "l_sh", "l_sw", "C"]
     if not tail:
@@ -96,9 +97,9 @@ def report(name, k):
 
 CASES = {
     "bf16-nchw": lambda: partial("bf16", "bf16", 1, 1, "nchw"),
-    "bf16-cl": lambda: partial("bf16", "bf16", 1, 1, "cl"),
-    "bf16-cl-s2": lambda: partial("bf16", "bf16", 1, 1, "cl", stages=2),
-    "bf16-cl-bn32": lambda: partial("bf16", "bf16", 1, 1, "cl", bn=32, stages=3),
+    "bf16-cl": lambda: partial("bf16", "bf16", 1, 1, "cl", bn=32, stages=3),
+    "bf16-cl-bn64-s2": lambda: partial("bf16", "bf16", 1, 1, "cl", stages=2),
+    "bf16-cl-tl.sum": lambda: partial("bf16", "bf16", 1, 1, "cl", bn=32, stages=3, sum_dot=False),
     "bf16-nchw-oddN": lambda: partial("bf16", "bf16", 1, 1, "nchw", tail=True),
     "fp32-nchw": lambda: partial("fp32", "fp32", 2, 2, "nchw", bn=32, stages=3),
     "fp32-cl": lambda: partial("fp32", "fp32", 2, 2, "cl", bn=32, stages=2),

@@ -249,9 +249,31 @@ def _shift_kernel(a_ptr, l_ptr, shift_ptr, C, K, N, Wd,
 
 
 @triton.jit
+def _sum_n(x, AXIS: tl.constexpr, BY_DOT: tl.constexpr, DOT_F32: tl.constexpr):
+    """Σ over the position axis AXIS of a raw 16-bit tile, in fp32.
+    BY_DOT: on the tensor cores, as x·e₀ (e₀ = first unit column of 16;
+    products by 1 and 0 are exact). A ``tl.sum`` over a channel-contiguous
+    (MN-major) operand inside the dot loop makes ptxas serialise the wgmma
+    pipeline (C7515, seen in an sm_90 compile); the dot does not."""
+    if BY_DOT:
+        if AXIS == 1:
+            t = x
+        else:
+            t = tl.trans(x)
+        e0 = tl.zeros((t.shape[1], 16), dtype=tl.float32) + tl.where(tl.arange(0, 16) == 0, 1.0, 0.0)[None, :]
+        if DOT_F32:
+            r = tl.dot(t.to(tl.float32), e0, input_precision="ieee")
+        else:
+            r = tl.dot(t, e0.to(t.dtype))
+        return tl.sum(r, axis=1)
+    else:
+        return tl.sum(x.to(tl.float32), axis=AXIS)
+
+
+@triton.jit
 def _block_step(acc, sum_r, sum_c, pend_r, pend_c, pend_n, x, y, xm, ym, n_valid, flush, sr, sc,
                 MODE: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
-                SUM_R: tl.constexpr, SUM_C: tl.constexpr):
+                SUM_R: tl.constexpr, SUM_C: tl.constexpr, SUM_DOT: tl.constexpr):
     """One position block: acc += x·y (see ``_tile_accumulate`` for the modes);
     xm / ym: where the loaded values exist (broadcastable to x / y)."""
     if MODE == 2:
@@ -271,12 +293,18 @@ def _block_step(acc, sum_r, sum_c, pend_r, pend_c, pend_n, x, y, xm, ym, n_valid
             acc = tl.dot(x, y, acc)
         if MODE == 0:
             if SUM_R:
-                sum_r += tl.sum(x.to(tl.float32), axis=1)
+                sum_r += _sum_n(x, 1, SUM_DOT, DOT_F32)
             if SUM_C:
-                sum_c += tl.sum(y.to(tl.float32), axis=0)
+                sum_c += _sum_n(y, 0, SUM_DOT, DOT_F32)
         else:
-            pend_r += tl.sum(tl.where(xm, x.to(tl.float32) - sr[:, None], 0.0), axis=1)
-            pend_c += tl.sum(tl.where(ym, y.to(tl.float32) - sc[None, :], 0.0), axis=0)
+            if SUM_DOT:
+                # raw sums (masked entries load 0) minus n·s; rows outside the
+                # channel range have s = 0
+                pend_r += _sum_n(x, 1, True, DOT_F32) - n_valid * sr
+                pend_c += _sum_n(y, 0, True, DOT_F32) - n_valid * sc
+            else:
+                pend_r += tl.sum(tl.where(xm, x.to(tl.float32) - sr[:, None], 0.0), axis=1)
+                pend_c += tl.sum(tl.where(ym, y.to(tl.float32) - sc[None, :], 0.0), axis=0)
             pend_n += n_valid
             if flush:
                 # re-centre: acc −= s_r (P_c + n s_c/2)ᵀ + (P_r + n s_r/2) s_cᵀ
@@ -299,7 +327,8 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
                      MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
                      SUM_R: tl.constexpr, SUM_C: tl.constexpr,
                      R_MERGED: tl.constexpr, C_MERGED: tl.constexpr,
-                     R_MASK: tl.constexpr, C_MASK: tl.constexpr, HAS_TAIL: tl.constexpr):
+                     R_MASK: tl.constexpr, C_MASK: tl.constexpr, HAS_TAIL: tl.constexpr,
+                     SUM_DOT: tl.constexpr):
     """acc[r, c] = Σ_m x_r[m] y_c[m] over this program's positions, rows =
     channels r0 + [0, BR) of r_ptr, cols = channels c0 + [0, BCOL) of c_ptr:
     the full position blocks q ∈ [q_lo, q_hi) (image q // NBF, NBF = ⌊N/BN⌋
@@ -318,6 +347,7 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
             sums Σ (a − s).
     R_MASK / C_MASK = False: the rows / cols block lies inside [0, R_CH) /
     [0, C_CH), its loads need no channel mask.
+    SUM_DOT: the 16-bit sums are taken on the tensor cores (``_sum_n``).
     Returns (acc, Σ_m x_r (if SUM_R), Σ_m y_c (if SUM_C)).
     """
     rch = r0 + tl.arange(0, BR)
@@ -346,7 +376,7 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
         flush = ((q - q_lo) % CORR == CORR - 1) | (q == q_hi - 1)
         acc, sum_r, sum_c, pend_r, pend_c, pend_n = _block_step(
             acc, sum_r, sum_c, pend_r, pend_c, pend_n, x, y, rmask[:, None], cmask[None, :],
-            BN * 1.0, flush, sr, sc, MODE, PREC, DOT_F32, SUM_R, SUM_C)
+            BN * 1.0, flush, sr, sc, MODE, PREC, DOT_F32, SUM_R, SUM_C, SUM_DOT)
     if HAS_TAIL:
         # the last, partial position block of each image in [t_lo, t_hi)
         n = NBF * BN + nn
@@ -357,7 +387,7 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
             acc, sum_r, sum_c, pend_r, pend_c, pend_n = _block_step(
                 acc, sum_r, sum_c, pend_r, pend_c, pend_n, x, y,
                 rmask[:, None] & nmask[None, :], nmask[:, None] & cmask[None, :],
-                (N - NBF * BN) * 1.0, b == b, sr, sc, MODE, PREC, DOT_F32, SUM_R, SUM_C)
+                (N - NBF * BN) * 1.0, b == b, sr, sc, MODE, PREC, DOT_F32, SUM_R, SUM_C, SUM_DOT)
     return acc, sum_r, sum_c
 
 
@@ -365,13 +395,13 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
 def _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
                BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr, CORR: tl.constexpr,
                PREC: tl.constexpr, DOT_F32: tl.constexpr, DIAG: tl.constexpr, MERGED: tl.constexpr,
-               MASK: tl.constexpr, HAS_TAIL: tl.constexpr):
+               MASK: tl.constexpr, HAS_TAIL: tl.constexpr, SUM_DOT: tl.constexpr):
     """Gram tile (I, J): (Σ x_I x_Jᵀ, Σ x_I (DIAG only))."""
     acc, s_r, s_c = _tile_accumulate(
         a_ptr, a_sb, a_sc, a_sh, a_sw, C, i * BLOCK_C, shift_ptr,
         a_ptr, a_sb, a_sc, a_sh, a_sw, C, j * BLOCK_C, shift_ptr,
         q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_C, BLOCK_N,
-        MODE, CORR, PREC, DOT_F32, DIAG, False, MERGED, MERGED, MASK, MASK, HAS_TAIL)
+        MODE, CORR, PREC, DOT_F32, DIAG, False, MERGED, MERGED, MASK, MASK, HAS_TAIL, SUM_DOT)
     return acc, s_r
 
 
@@ -381,14 +411,14 @@ def _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw,
                 BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                 MODE: tl.constexpr, CORR: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
                 A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, MASK_A: tl.constexpr,
-                HAS_TAIL: tl.constexpr):
+                HAS_TAIL: tl.constexpr, SUM_DOT: tl.constexpr):
     """Cross tile (A block J, L block kb): (Σ x_J y_kbᵀ, Σ y_kb); the L sums
     are only stored for J = 0, but cost little (BLOCK_K ≤ 128 channels)."""
     acc, s_r, s_c = _tile_accumulate(
         a_ptr, a_sb, a_sc, a_sh, a_sw, C, jx * BLOCK_C, shift_ptr,
         l_ptr, l_sb, l_sc, l_sh, l_sw, K, kb * BLOCK_K, shift_ptr + C,
         q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-        MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED, MASK_A, True, HAS_TAIL)
+        MODE, CORR, PREC, DOT_F32, False, True, A_MERGED, L_MERGED, MASK_A, True, HAS_TAIL, SUM_DOT)
     return acc, s_c
 
 
@@ -403,6 +433,7 @@ def _moments_partial_kernel(
     G_MODE: tl.constexpr, X_MODE: tl.constexpr, CORR: tl.constexpr,
     PREC: tl.constexpr, DOT_F32: tl.constexpr,
     A_MERGED: tl.constexpr, L_MERGED: tl.constexpr, SPLIT_FULL: tl.constexpr, HAS_TAIL: tl.constexpr,
+    SUM_DOT: tl.constexpr,
 ):
     """Partial moments of one tile over one range p of positions (see module doc).
 
@@ -438,24 +469,24 @@ def _moments_partial_kernel(
             if j < N_FULL:  # I ≤ J < N_FULL: both blocks full, unmasked channel loads
                 if i == j:
                     acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, False, HAS_TAIL)
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, False, HAS_TAIL, SUM_DOT)
                 else:
                     acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, False, HAS_TAIL)
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, False, HAS_TAIL, SUM_DOT)
             else:
                 if i == j:
                     acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True, HAS_TAIL)
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True, HAS_TAIL, SUM_DOT)
                 else:
                     acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
-                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True, HAS_TAIL)
+                                          BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True, HAS_TAIL, SUM_DOT)
         else:
             if i == j:
                 acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
-                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True, HAS_TAIL)
+                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, True, A_MERGED, True, HAS_TAIL, SUM_DOT)
             else:
                 acc, s_r = _gram_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, shift_ptr, i, j, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd,
-                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True, HAS_TAIL)
+                                      BLOCK_C, BLOCK_N, G_MODE, CORR, PREC, DOT_F32, False, A_MERGED, True, HAS_TAIL, SUM_DOT)
         if i == j:
             tl.store(sa_ptr + (p.to(tl.int64) * N_CB + i) * BLOCK_C + rr, s_r)
         tl.store(out + rr[:, None] * BLOCK_C + cc[None, :], acc)
@@ -469,15 +500,15 @@ def _moments_partial_kernel(
             if jx < N_FULL:
                 xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
                                          shift_ptr, jx, kb, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, False, HAS_TAIL)
+                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, False, HAS_TAIL, SUM_DOT)
             else:
                 xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
                                          shift_ptr, jx, kb, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True, HAS_TAIL)
+                                         X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True, HAS_TAIL, SUM_DOT)
         else:
             xacc, xs_c = _cross_tile(a_ptr, a_sb, a_sc, a_sh, a_sw, C, l_ptr, l_sb, l_sc, l_sh, l_sw, K,
                                      shift_ptr, jx, kb, q_lo, q_hi, t_lo, t_hi, NBF, N, Wd, BLOCK_C, BLOCK_K, BLOCK_N,
-                                     X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True, HAS_TAIL)
+                                     X_MODE, CORR, PREC, DOT_F32, A_MERGED, L_MERGED, True, HAS_TAIL, SUM_DOT)
         if jx == 0:
             tl.store(sl_ptr + (p.to(tl.int64) * N_KB + kb) * BLOCK_K + kk, xs_c)
         tl.store(xout + rr[:, None] * BLOCK_K + kk[None, :], xacc)
@@ -575,7 +606,8 @@ _SIXTEEN = (torch.float16, torch.bfloat16)
 def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
                   block_c: int | None = None, block_n: int | None = None, splits: int | None = None,
                   fp32_precision: str | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, recenter_every: int | None = None, wrap=None):
+                  num_stages: int | None = None, recenter_every: int | None = None, wrap=None,
+                  sum_by_dot: bool | None = None):
     """(Ā (C,), L̄ (K,), G (C, C), X (K, C)) float32 of SPEC §2 (see module doc).
 
     ``feats`` (B, C, H, W) and ``class_logits`` (B, K, H, W) (also (B, C, N)
@@ -602,8 +634,9 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     interp = _interpreting() or dev.type != "cuda"
     if block_c is None:
         block_c = min(32, max(16, _next_pow2(C))) if interp else _pick_block_c(C)
+    chan_contig = feats.stride(1) == 1 and C > 1  # channels_last-like
     if block_n is None:
-        block_n = 16 if interp else (64 if feats.dtype in _SIXTEEN else 32)
+        block_n = 16 if interp else (64 if (feats.dtype in _SIXTEEN and not chan_contig) else 32)
     block_k = max(16, min(128 if not interp else 32, _next_pow2(K)))
     if fp32_precision is None:
         fp32_precision = default_fp32_precision()
@@ -657,12 +690,12 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     if num_warps is not None or not interp:
         opts["num_warps"] = num_warps or (8 if block_c >= 128 else 4)
     if num_stages is not None or not interp:
-        # sm_90 AOT compile (benchmarks/aot_moments.py, no GPU here): with
-        # channels contiguous (channels_last) 3 stages need 256 KiB of shared
-        # memory (> 227 KiB: launch fails), 2 stages 128 (bf16) / 160 (fp32)
-        # KiB; NCHW with 3 stages 64 (bf16) / 128 (fp32) KiB.
-        chan_contig = feats.stride(1) == 1 and C > 1
-        opts["num_stages"] = num_stages or (2 if chan_contig else 3)
+        # shared memory per the sm_90 AOT compile (benchmarks/aot_moments.py,
+        # no GPU here; limit 227 KiB): NCHW 3 stages: bf16 BLOCK_N 64 64 KiB,
+        # fp32 BLOCK_N 32 128 KiB; channels_last: bf16 BLOCK_N 64 2 stages
+        # 256 KiB (would not launch), BLOCK_N 32 3 stages 192 KiB; fp32
+        # BLOCK_N 32 3 stages 256 KiB, 2 stages 160 KiB.
+        opts["num_stages"] = num_stages or (2 if (chan_contig and feats.dtype == torch.float32) else 3)
     launch(_moments_partial_kernel)[(n_tiles, splits)](
         feats, class_logits, gpart, xpart, sa, sl, shift,
         C, K, N, Wd, nbf, q_total, q_per, B, t_per,
@@ -673,7 +706,8 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         G_MODE=g_mode, X_MODE=x_mode, CORR=max(1, int(recenter_every)), PREC=fp32_precision,
         DOT_F32=bool(_interpreting() and feats.dtype == torch.bfloat16),
         A_MERGED=a_merged, L_MERGED=l_merged,
-        SPLIT_FULL=bool(feats.stride(1) == 1 and C > 1 and C % block_c != 0), HAS_TAIL=has_tail, **opts,
+        SPLIT_FULL=bool(feats.stride(1) == 1 and C > 1 and C % block_c != 0), HAS_TAIL=has_tail,
+        SUM_DOT=bool(sum_by_dot if sum_by_dot is not None else chan_contig), **opts,
     )
     a_mean = torch.empty(C, dtype=f32, device=dev)
     l_mean = torch.empty(K, dtype=f32, device=dev)
