@@ -156,12 +156,13 @@ def _naive_gram(a):
 
 # Features of mean 10, std 1 (|μ| ≫ σ): relative (Frobenius) error of G and
 # of S = importance_from_moments(G, X) against float64 from the same inputs.
-# Bounds: fp32 inputs are shifted by a sample before the dot, so only
-# u·(1 + (μ−s)²/σ²) ≈ 1e-7 remains (measured ≈ 3e-7 here); bf16 values near
-# 10 are multiples of 1/16, so every partial sum is exact (measured ≈ 2e-8);
-# fp16 keeps exact products but the in-block sums are rounded at the scale of
-# μ² = 100, ≈ u·μ²/σ² per block (measured ≈ 1e-5). The naive one-pass fp32
-# formula is off by 2.5e-5–6e-5 here, so each bound below fails it.
+# Bounds: fp32 inputs are shifted (mean of 16 samples) before the dot, so
+# only u·(1 + (μ−s)²/σ²) ≈ 1e-7 remains (measured 6e-8 under the
+# interpreter; tf32x3 on a GPU adds ≈ 2⁻²¹ ≈ 5e-7); bf16 values near 10 are
+# multiples of 1/16, so every partial sum is exact (measured 2e-8); fp16
+# keeps exact products but in-block sums are rounded at the scale of μ² = 100,
+# ≈ u·μ²/σ² per block (measured 1.1e-5). The naive one-pass fp32 formula is
+# off by 2.5e-5–6e-5 here, so each bound below fails it.
 LARGE_MEAN_TOL = {F32: 3e-6, BF16: 3e-6, F16: 2.5e-5}
 
 
