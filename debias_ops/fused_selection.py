@@ -28,9 +28,8 @@ is built under ``no_grad`` from batch statistics, so its backward never reads A.
 
 Registration: ``torch.library.triton_op`` + ``wrap_triton`` (torch >= 2.6; the
 kernel launch is visible to torch.compile / Inductor), else ``custom_op`` +
-``register_fake`` (torch 2.4–2.5). ``batch_moments`` is a ``custom_op``
-(opaque to the compiler) because its kernel module is owned separately and may
-launch kernels directly. Every op body sends CPU tensors to the reference math
+``register_fake`` (torch 2.4–2.5); all three ops (``batch_moments``,
+``gate_apply``, ``gate_backward``) are registered the same way. Every op body sends CPU tensors to the reference math
 when the Triton interpreter is off (SPEC §9: torch.compile cannot trace
 interpreted kernels; this is what lets ``torch.compile(fullgraph=True)`` run on
 CPU), and launches the kernels otherwise (CUDA, or CPU under TRITON_INTERPRET=1).
@@ -77,18 +76,9 @@ def _empty_like_format(shape, dtype, device, channels_last: bool) -> torch.Tenso
     return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
 
-def _fused_batch_moments(feats: torch.Tensor, class_logits: torch.Tensor):
-    """TEMPORARY indirection until ``kernels/moments.py`` is merged into this branch:
-    its ``batch_moments`` when present, else the reference's. Delete the fallback
-    (keep the first and last lines) once both branches are merged."""
+def _moments_kernels():
     _backend.load_kernels()
-    try:
-        moments = importlib.import_module("debias_ops.kernels.moments")
-    except ModuleNotFoundError as err:
-        if err.name != "debias_ops.kernels.moments":
-            raise
-        return _ref.batch_moments(feats, class_logits)
-    return moments.batch_moments(feats, class_logits)
+    return importlib.import_module("debias_ops.kernels.moments")
 
 
 def _define(name: str, fn, fake, *, triton: bool):
@@ -107,7 +97,7 @@ def _batch_moments_impl(feats: torch.Tensor, class_logits: torch.Tensor) -> Tupl
     if _use_reference(feats):
         a_mean, l_mean, G, X = _ref.batch_moments(feats, class_logits)
     else:
-        a_mean, l_mean, G, X = _fused_batch_moments(feats, class_logits)
+        a_mean, l_mean, G, X = _moments_kernels().batch_moments(feats, class_logits, wrap=_wrap())
     return a_mean, l_mean, G, X
 
 
@@ -117,7 +107,7 @@ def _batch_moments_fake(feats, class_logits):
     return feats.new_empty(C, dtype=f), feats.new_empty(K, dtype=f), feats.new_empty(C, C, dtype=f), feats.new_empty(K, C, dtype=f)
 
 
-batch_moments_op = _define("batch_moments", _batch_moments_impl, _batch_moments_fake, triton=False)
+batch_moments_op = _define("batch_moments", _batch_moments_impl, _batch_moments_fake, triton=True)
 
 
 # ----------------------------------------------------------------------------- gate_apply / gate_backward (SPEC §3)
