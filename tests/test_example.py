@@ -59,3 +59,27 @@ def test_example_smoke_gpu(tmp_path):
                    "--device", "cuda", "--out", str(tmp_path), "--name", "smoke", "--no-progress"])
     assert torch.tensor(res["dropclass"]["conflicting"]).shape == (1, sb.K)
     assert "triton" in (tmp_path / "smoke.txt").read_text()
+
+
+def test_sweep_grid(tmp_path, monkeypatch):
+    """--sweep runs alpha {1, 10} x steps {S, 4S} x bias {0.8, 0.98}, the baseline once per (steps, bias)."""
+    calls = []
+
+    def fake_cell(cfg, seeds, device, progress_bar=True):
+        calls.append(("both", cfg.alpha, cfg.steps, cfg.bias))
+        iou = [[0.5] * sb.K for _ in seeds]
+        return {h: {s: iou for s in ("ordinary", "conflicting")} for h in ("baseline", "dropclass")}
+
+    def fake_drop_only(cfg, seeds, device, baseline, progress_bar):
+        calls.append(("dropclass", cfg.alpha, cfg.steps, cfg.bias))
+        iou = [[0.6] * sb.K for _ in seeds]
+        return {"baseline": baseline, "dropclass": {s: iou for s in ("ordinary", "conflicting")}}
+
+    monkeypatch.setattr(sb, "run_cell", fake_cell)
+    monkeypatch.setattr(sb, "_run_dropclass_only", fake_drop_only)
+    out = sb.main(["--sweep", "--steps", "5", "--seeds", "3", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
+    cells = {(c["config"]["alpha"], c["config"]["steps"], c["config"]["bias"]) for c in out["cells"]}
+    assert cells == {(a, s, b) for a in (1.0, 10.0) for s in (5, 20) for b in (0.8, 0.98)}
+    assert sum(c[0] == "both" for c in calls) == 4  # one baseline per (steps, bias)
+    text = (tmp_path / "sweep.txt").read_text()
+    assert text.count("helps") == 8  # +10 IoU points with zero seed spread
