@@ -114,7 +114,8 @@ class DropClassHead(nn.Module):
         alpha: weight of the suppression term.
         per_sample: each sample draws its own dropped class (True) or one class
             for the whole batch, the paper's scheme (False).
-        weight: optional (K,) class weights of the cross-entropy.
+        weight: optional (K,) class weights of the cross-entropy (stored as the
+            buffer ``ce_weight``).
         ignore_index: label ignored by the loss (default 255).
         norm_layer: the selector's normalisation (default ``nn.BatchNorm2d``).
         weight_grad: let the gradient of ``class_drop`` reach ``classifier.weight``
@@ -155,7 +156,7 @@ class DropClassHead(nn.Module):
             if weight.shape[0] != num_classes:
                 raise ValueError(f"weight must have shape (K,) = ({num_classes},), got {tuple(weight.shape)}")
             weight = weight.detach().float().clone()
-        self.register_buffer("weight", weight)
+        self.register_buffer("ce_weight", weight)  # None unless given
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=True)
         self.selector = nn.Sequential(
             nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=False),
@@ -233,5 +234,5 @@ class DropClassHead(nn.Module):
         suppressed = self.suppression(feats, dropped, logits=logits)
         logits_drop = self.classifier(self.selector(suppressed))
         res = _api.dropclass_loss(logits, logits_drop, target, dropped, lam=float(lam), alpha=self.alpha,
-                                  weight=self.weight, ignore_index=self.ignore_index)
+                                  weight=self.ce_weight, ignore_index=self.ignore_index)
         return DropClassOutput(res.loss, res.ce, res.ce_drop, res.sup, logits, logits_drop, dropped)
