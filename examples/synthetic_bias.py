@@ -1,6 +1,6 @@
 """Does DropClass help a rare class under a co-occurrence bias? A synthetic test.
 
-    python -m examples.synthetic_bias --quick     # one cell, 3 seeds, CPU, a few minutes
+    python -m examples.synthetic_bias --quick     # one cell (600 steps, alpha=10), 3 seeds, CPU, ~3-4 min
     python -m examples.synthetic_bias             # one cell, longer training
     python -m examples.synthetic_bias --sweep     # GPU: alpha x training length x bias strength
 
@@ -38,6 +38,9 @@ the two seed standard deviations, "hurts" if the mean loss does, else
 "within spread".
 
 On a CUDA device the ops dispatch to the fused Triton kernels (SPEC §5).
+Committed CPU results (examples/results/): quick.* (the quick cell), quick_alpha1.*
+(--quick --alpha 1), quick_300steps.* (an earlier 300-step quick run),
+cell_steps1000.* (the default cell). The GPU sweep has not been run yet.
 Results go to examples/results/ (``--out`` to change): <name>.txt (the table),
 <name>.json (every number), <name>.png (per-class IoU).
 """
