@@ -8,12 +8,15 @@ Public API (SPEC §5)::
     res  = dropclass_loss(logits, logits_drop, target, drop, *, lam, alpha=10.0,
                           weight=None, ignore_index=255)          # (loss, ce, ce_drop, sup)
     drop = sample_drop(batch, num_classes, p, *, generator=None, device=None, per_sample=True)
+    head = DropClassHead(in_channels, num_classes, importance="weight", k=None, alpha=10.0)  # SPEC §6
+    t    = progress(epoch, epochs)                                # training progress for the head
 
 CUDA tensors run the Triton kernels, anything else the reference; the
 environment variable DEBIAS_OPS_BACKEND (auto | triton | reference) overrides.
 Importing needs torch only (triton is imported when a kernel first runs).
 """
 from .api import class_drop, class_importance, dropclass_loss, suppress
+from .modules import DropClassHead, DropClassOutput, progress
 from .reference import DropClassLoss
 from .sampling import drop_mask, sample_drop
 from .validation import set_value_checks, value_checks, value_checks_enabled
@@ -28,6 +31,9 @@ __all__ = [
     "sample_drop",
     "drop_mask",
     "DropClassLoss",
+    "DropClassHead",
+    "DropClassOutput",
+    "progress",
     "set_value_checks",
     "value_checks",
     "value_checks_enabled",

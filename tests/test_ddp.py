@@ -1,0 +1,98 @@
+"""DropClassHead under DistributedDataParallel: gloo backend, 2 CPU processes.
+
+Each rank sees different data and draws its drops from a differently seeded
+generator (so the ranks drop different classes); DDP all-reduces the
+gradients, so after a few optimiser steps both ranks must hold bit-identical
+parameters. The ranks write their final parameters to files that the test
+process compares.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+STEPS = 4
+IMPORTANCES = ("weight", "logits")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        for importance in IMPORTANCES:
+            _train(rank, importance, Path(out_dir) / f"{importance}_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(rank: int, importance: str, path: Path) -> None:
+    import debias_ops as dops
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(rank)  # different initial parameters: DDP broadcasts rank 0's
+    net = _Net(importance)
+    ddp = DDP(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    init = [p.detach().clone() for p in net.parameters()]  # after DDP's broadcast
+
+    data_gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+    drop_gen = torch.Generator().manual_seed(200 + rank)  # different drops per rank
+    drops = []
+
+    for step in range(STEPS):
+        x = torch.randn(4, 3, 6, 6, generator=data_gen)
+        y = torch.randint(0, 4, (4, 6, 6), generator=data_gen)
+        t = dops.progress(step + 2, STEPS + 2)  # p > 0 from the first step
+        out = ddp(x, y, t, drop_gen)
+        drops.append(out.drop)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    torch.save({"params": [p.detach() for p in net.parameters()], "init": init, "drops": torch.stack(drops)}, path)
+
+
+class _Net(torch.nn.Module):
+    """A tiny backbone + DropClassHead; the training call goes through DDP's forward."""
+
+    def __init__(self, importance: str):
+        super().__init__()
+        import debias_ops as dops
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.head = dops.DropClassHead(8, 4, importance=importance, alpha=10.0)
+
+    def forward(self, x, y, t, gen):
+        return self.head(self.backbone(x), y, t, generator=gen)
+
+
+def test_ddp_gloo_two_ranks_identical_parameters(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for importance in IMPORTANCES:
+        _check(torch.load(tmp_path / f"{importance}_rank0.pt"), torch.load(tmp_path / f"{importance}_rank1.pt"),
+               importance)
+
+
+def _check(r0, r1, importance):
+    assert not torch.equal(r0["drops"], r1["drops"]), "ranks were meant to drop different classes"
+    assert r0["drops"].any()
+    moved = False
+    for i, (a, b, a0) in enumerate(zip(r0["params"], r1["params"], r0["init"])):
+        assert torch.equal(a, b), f"{importance}: parameter {i} differs between ranks: max diff {(a - b).abs().max():.3g}"
+        moved |= not torch.equal(a, a0)
+    assert moved, "training did not change the parameters"
