@@ -31,26 +31,14 @@ value on the host: the normalisations stay on the device.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _library
 from . import reference as _ref
-
-_NS = "debias_ops"
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
-
-def _use_reference(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda" and not _backend.interpreting()
-
-
-def _loss_kernels():
-    _backend.load_kernels()
-    return importlib.import_module("debias_ops.kernels.loss")
+from ._library import use_reference as _use_reference
 
 
 def _grad_buffer(x: torch.Tensor, need: bool) -> torch.Tensor:
@@ -129,10 +117,9 @@ def _fwd_impl(logits: torch.Tensor, logits_drop: torch.Tensor, target: torch.Ten
                               need_gx, need_gxd)
     gx = _grad_buffer(logits, need_gx)
     gxd = _grad_buffer(logits_drop, need_gxd)
-    wrap = torch.library.wrap_triton if _HAS_TRITON_OP else None
-    stats = _loss_kernels().launch_dropclass_loss(
+    stats = _library.kernel_module("loss").launch_dropclass_loss(
         logits, logits_drop, target, dropped, weight, lam, alpha, ignore_index,
-        need_gx, need_gxd, gx, gxd, wrap=wrap)
+        need_gx, need_gxd, gx, gxd, wrap=_library.wrap())
     return stats, gx, gxd
 
 
@@ -141,12 +128,8 @@ def _fwd_fake(logits, logits_drop, target, dropped, weight, lam, alpha, ignore_i
             _grad_buffer(logits_drop, need_gxd))
 
 
-_QUALNAME = f"{_NS}::dropclass_loss_fwd"
-if _HAS_TRITON_OP:
-    dropclass_loss_fwd = torch.library.triton_op(_QUALNAME, _fwd_impl, mutates_args=())
-else:  # torch 2.4–2.5
-    dropclass_loss_fwd = torch.library.custom_op(_QUALNAME, _fwd_impl, mutates_args=())
-    dropclass_loss_fwd.register_fake(_fwd_fake)
+dropclass_loss_fwd = _library.define("dropclass_loss_fwd", _fwd_impl, _fwd_fake)
+_QUALNAME = f"{_library.NAMESPACE}::dropclass_loss_fwd"
 
 
 def _setup_context(ctx, inputs, output):

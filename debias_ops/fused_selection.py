@@ -35,35 +35,13 @@ interpreted kernels; this is what lets ``torch.compile(fullgraph=True)`` run on
 CPU), and launches the kernels otherwise (CUDA, or CPU under TRITON_INTERPRET=1).
 No op reads a tensor value on the host: everything is CUDA-graph capturable.
 """
-import importlib
 from typing import Optional, Tuple
 
 import torch
 
-from . import _backend
+from . import _library
 from . import reference as _ref
-
-_NS = "debias_ops"
-_HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def _use_reference(t: torch.Tensor) -> bool:
-    """The op body runs the reference math: a non-CUDA tensor without the interpreter."""
-    return t.device.type != "cuda" and not _backend.interpreting()
-
-
-def _gate_kernels():
-    _backend.load_kernels()
-    return importlib.import_module("debias_ops.kernels.gate")
-
-
-def _wrap():
-    """``wrap_triton`` inside a triton_op (traceable launch); None (a plain launch)
-    under the interpreter, which torch.compile cannot trace anyway (SPEC §9) and
-    which older torch versions' ``wrap_triton`` rejects."""
-    return torch.library.wrap_triton if (_HAS_TRITON_OP and not _backend.interpreting()) else None
+from ._library import use_reference as _use_reference
 
 
 def _channels_last(feats: torch.Tensor) -> bool:
@@ -76,28 +54,13 @@ def _empty_like_format(shape, dtype, device, channels_last: bool) -> torch.Tenso
     return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
 
-def _moments_kernels():
-    _backend.load_kernels()
-    return importlib.import_module("debias_ops.kernels.moments")
-
-
-def _define(name: str, fn, fake, *, triton: bool):
-    """Register ``fn`` as ``debias_ops::name``: a triton_op when available (and asked), else a custom_op."""
-    qualname = f"{_NS}::{name}"
-    if triton and _HAS_TRITON_OP:
-        return torch.library.triton_op(qualname, fn, mutates_args=())
-    op = torch.library.custom_op(qualname, fn, mutates_args=())
-    op.register_fake(fake)
-    return op
-
-
 # ----------------------------------------------------------------------------- batch_moments (SPEC §2)
 
 def _batch_moments_impl(feats: torch.Tensor, class_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_reference(feats):
         a_mean, l_mean, G, X = _ref.batch_moments(feats, class_logits)
     else:
-        a_mean, l_mean, G, X = _moments_kernels().batch_moments(feats, class_logits, wrap=_wrap())
+        a_mean, l_mean, G, X = _library.kernel_module("moments").batch_moments(feats, class_logits, wrap=_library.wrap())
     return a_mean, l_mean, G, X
 
 
@@ -107,7 +70,7 @@ def _batch_moments_fake(feats, class_logits):
     return feats.new_empty(C, dtype=f), feats.new_empty(K, dtype=f), feats.new_empty(C, C, dtype=f), feats.new_empty(K, C, dtype=f)
 
 
-batch_moments_op = _define("batch_moments", _batch_moments_impl, _batch_moments_fake, triton=True)
+batch_moments_op = _library.define("batch_moments", _batch_moments_impl, _batch_moments_fake)
 
 
 # ----------------------------------------------------------------------------- gate_apply / gate_backward (SPEC §3)
@@ -117,7 +80,7 @@ def _gate_apply_impl(feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if _use_reference(feats):
         return _ref.apply_gate(feats, gate.float())
     out = _empty_like_format(feats.shape, feats.dtype, feats.device, _channels_last(feats))
-    _gate_kernels().launch_gate(feats, gate, out, wrap=_wrap())
+    _library.kernel_module("gate").launch_gate(feats, gate, out, wrap=_library.wrap())
     return out
 
 
@@ -140,7 +103,7 @@ def _gate_backward_impl(grad: torch.Tensor, gate: torch.Tensor, feats: torch.Ten
         dg = (d32 * feats.float()).sum(dim=(2, 3)) if need_dg else gate.new_empty(0, dtype=torch.float32)
         return dA, dg
     dA = _empty_like_format(grad.shape, grad.dtype, grad.device, channels_last) if need_da else None
-    partial = _gate_kernels().launch_gate(grad, gate, dA, feats if need_dg else None, wrap=_wrap())
+    partial = _library.kernel_module("gate").launch_gate(grad, gate, dA, feats if need_dg else None, wrap=_library.wrap())
     dg = partial.sum(dim=0) if need_dg else gate.new_empty(0, dtype=torch.float32)
     return (dA if need_da else grad.new_empty(0)), dg
 
@@ -152,8 +115,8 @@ def _gate_backward_fake(grad, gate, feats, need_da, need_dg, channels_last):
     return dA, dg
 
 
-gate_apply_op = _define("gate_apply", _gate_apply_impl, _gate_apply_fake, triton=True)
-gate_backward_op = _define("gate_backward", _gate_backward_impl, _gate_backward_fake, triton=True)
+gate_apply_op = _library.define("gate_apply", _gate_apply_impl, _gate_apply_fake)
+gate_backward_op = _library.define("gate_backward", _gate_backward_impl, _gate_backward_fake)
 
 
 def _gate_apply_setup_context(ctx, inputs, output):

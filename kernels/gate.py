@@ -120,10 +120,6 @@ def _gate_kernel(
 
 # ----------------------------------------------------------------------------- launch helpers
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def view_strides(t: torch.Tensor):
     """(layout, sB, sC, sN, sH, sW) of a 4D tensor seen as (B, C, N = H·W)."""
     B, C, H, W = t.shape
