@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton

@@ -10,7 +10,6 @@ import torch
 
 import debias_ops as dops
 from debias_ops import _backend
-from debias_ops import reference as ref
 from tests.helpers import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import debias_ops as dops
+from debias_ops import _library
 from debias_ops import reference as ref
 from tests.helpers import TOL, assert_close, kernel_device, make_layout
 
@@ -160,8 +161,7 @@ def test_odd_shapes(shape):
 def test_many_blocks_and_sum_backward(monkeypatch):
     """Blocks of 1 row × 2 columns (every pixel a block border); backward via .sum()."""
     dev = kernel_device()
-    from debias_ops import fused_loss
-    kmod = fused_loss._loss_kernels()
+    kmod = _library.kernel_module("loss")
     monkeypatch.setitem(kmod.PLAN_OVERRIDE, "RB", 1)
     monkeypatch.setitem(kmod.PLAN_OVERRIDE, "CB", 2)
     x, xd, y, wt, dropped = _inputs(2, 3, 4, 5, 10, 13, weight=True, device=dev)
@@ -181,8 +181,7 @@ def test_many_blocks_and_sum_backward(monkeypatch):
 def test_random_ratios_int64_offsets(seed, monkeypatch):
     """Random sizes (up, down, mixed, 1-pixel) with random block sizes, on the int64-offset path."""
     dev = kernel_device()
-    from debias_ops import fused_loss
-    kmod = fused_loss._loss_kernels()
+    kmod = _library.kernel_module("loss")
     g = torch.Generator().manual_seed(seed)
     r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
     monkeypatch.setitem(kmod.PLAN_OVERRIDE, "IDX64", True)
@@ -327,8 +326,8 @@ def test_gpu_cityscapes_parity(dtype):
 def test_gpu_compile_and_memory():
     """torch.compile(fullgraph) through the Triton op; peak extra memory ≪ eager reference."""
     dev = _cuda()
-    x, xd, y, wt, dropped = _inputs(8, 19, 128, 256, 512, 1024, device=dev)
     from debias_ops import fused_loss
+    x, xd, y, wt, dropped = _inputs(8, 19, 128, 256, 512, 1024, device=dev)
 
     def f(a, b):
         return fused_loss.dropclass_loss(a, b, y, dropped, 0.6, 10.0, wt, 255).loss
