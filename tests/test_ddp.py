@@ -8,8 +8,8 @@ process compares.
 """
 from __future__ import annotations
 
+import gc
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -22,20 +22,18 @@ STEPS = 4
 IMPORTANCES = ("weight", "logits")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, out_dir: str) -> None:
+    # Rendezvous through a file in the test's tmp dir (no port to pick and race for);
+    # gloo itself connects the ranks over loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
         for importance in IMPORTANCES:
             _train(rank, importance, Path(out_dir) / f"{importance}_rank{rank}.pt")
+        # Every rank finishes its collectives (and frees its DDP reducer) before teardown.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -82,7 +80,7 @@ class _Net(torch.nn.Module):
 def test_ddp_gloo_two_ranks_identical_parameters(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     for importance in IMPORTANCES:
         _check(torch.load(tmp_path / f"{importance}_rank0.pt"), torch.load(tmp_path / f"{importance}_rank1.pt"),
                importance)
