@@ -242,10 +242,13 @@ def _shift_kernel(a_ptr, l_ptr, shift_ptr, C, K, N, Wd,
         s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
         tl.store(shift_ptr + ch, s, mask=ch < C)
     else:
-        ch = (pid - n_ab) * BLOCK_S + tl.arange(0, BLOCK_S)
-        x = _load_tile(l_ptr, 0, l_sc, l_sh, l_sw, zero, ch, n, nmask, K, Wd, 0, L_MERGED, True, True)
-        s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
-        tl.store(shift_ptr + C + ch, s, mask=ch < K)
+        # own names: a variable assigned in both branches must have one type there
+        # (bf16 feats with fp32 logits failed to compile for the GPU; the interpreter
+        # does not check this)
+        kh = (pid - n_ab) * BLOCK_S + tl.arange(0, BLOCK_S)
+        xl = _load_tile(l_ptr, 0, l_sc, l_sh, l_sw, zero, kh, n, nmask, K, Wd, 0, L_MERGED, True, True)
+        sl = (tl.sum(xl.to(tl.float32), axis=1) * (1.0 / 16.0)).to(xl.dtype).to(tl.float32)
+        tl.store(shift_ptr + C + kh, sl, mask=kh < K)
 
 
 @triton.jit
