@@ -356,26 +356,38 @@ def analyse(ck) -> dict:
 
 # ----------------------------------------------------------------------------- table
 
-def table(select=None, out=sys.stdout) -> list[tuple[Launch, dict]]:
+HEADER = (f"{'launch':44s} {'grid':>16s} {'warps':>5s} {'stg':>3s} {'maxr':>4s} {'regs':>4s} {'spill st/ld':>11s} "
+          f"{'smem KiB':>8s} {'wgmma':>5s} {'tf32':>4s} {'mma':>4s} {'ld/st bits':>10s}  note")
+
+
+def row(ln: Launch, r: dict) -> str:
+    """One table line of a compiled launch (see HEADER)."""
+    o = r["options"]
+    note = []
+    if r["smem"] > SMEM_LIMIT:
+        note.append("OVER 227 KiB")
+    if r["c7515"]:
+        note.append("wgmma serialised (C7515)")
+    grid = "x".join(str(x) for x in ln.grid)
+    return (f"{ln.name:44s} {grid:>16s} {o.get('num_warps', '-')!s:>5s} {o.get('num_stages', '-')!s:>3s} "
+            f"{o.get('maxnreg', '-')!s:>4s} {r['regs']:4d} {str(r['spill_st']) + '/' + str(r['spill_ld']):>11s} "
+            f"{r['smem'] / 1024:8.1f} {r['wgmma']:5d} {r['wgmma_tf32']:4d} {r['mma']:4d} "
+            f"{str(r['ld_bits']) + '/' + str(r['st_bits']):>10s}  {', '.join(note)}")
+
+
+def print_table(launch_list, out=sys.stdout) -> list[tuple[Launch, dict]]:
+    """Compile each launch and print its line; returns [(launch, report)]."""
+    print(HEADER, file=out, flush=True)
     rows = []
-    hdr = (f"{'launch':44s} {'grid':>16s} {'warps':>5s} {'stg':>3s} {'maxr':>4s} {'regs':>4s} {'spill st/ld':>11s} "
-           f"{'smem KiB':>8s} {'wgmma':>5s} {'tf32':>4s} {'mma':>4s} {'ld/st bits':>10s}  note")
-    print(hdr, file=out, flush=True)
-    for ln in launches(select):
+    for ln in launch_list:
         _ck, r = compile_launch(ln)
-        o = r["options"]
-        note = []
-        if r["smem"] > SMEM_LIMIT:
-            note.append("OVER 227 KiB")
-        if r["c7515"]:
-            note.append("wgmma serialised (C7515)")
-        grid = "x".join(str(x) for x in ln.grid)
-        print(f"{ln.name:44s} {grid:>16s} {o.get('num_warps', '-')!s:>5s} {o.get('num_stages', '-')!s:>3s} "
-              f"{o.get('maxnreg', '-')!s:>4s} {r['regs']:4d} {str(r['spill_st']) + '/' + str(r['spill_ld']):>11s} "
-              f"{r['smem'] / 1024:8.1f} {r['wgmma']:5d} {r['wgmma_tf32']:4d} {r['mma']:4d} "
-              f"{str(r['ld_bits']) + '/' + str(r['st_bits']):>10s}  {', '.join(note)}", file=out, flush=True)
+        print(row(ln, r), file=out, flush=True)
         rows.append((ln, r))
     return rows
+
+
+def table(select=None, out=sys.stdout) -> list[tuple[Launch, dict]]:
+    return print_table(launches(select), out)
 
 
 def main(argv=None):
@@ -388,6 +400,7 @@ def main(argv=None):
         for c in _cases():
             print(c)
         return 0
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default
     import triton
     print(f"triton {triton.__version__}, target sm_90 (H100, {H100_SMS} SMs), ptxas -v; smem limit 227 KiB")
     t0 = time.perf_counter()
