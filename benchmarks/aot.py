@@ -302,13 +302,31 @@ def compile_launch(ln: Launch):
     if key not in _COMPILED:
         sig, const, attrs, opts = _specialise(ln)
         t0 = time.perf_counter()
-        ck = triton.compile(ASTSource(fn=ln.kernel, signature=sig, constexprs=const, attrs=attrs),
-                            target=_target(), options=opts)
-        rep = analyse(ck)
+        ck, log = _compile_with_log(ASTSource(fn=ln.kernel, signature=sig, constexprs=const, attrs=attrs), opts)
+        rep = analyse(ck, log)
         rep["compile_s"] = time.perf_counter() - t0
         rep["options"] = {k: opts[k] for k in ("num_warps", "num_stages", "maxnreg") if k in opts}
         _COMPILED[key] = (ck, rep)
     return _COMPILED[key]
+
+
+def _compile_with_log(src, opts):
+    """triton.compile for sm_90, keeping ptxas's -v log when Triton runs ptxas (it does
+    not on an on-disk cache hit: then the log is None and ``analyse`` runs ptxas)."""
+    import io
+
+    import triton
+    from triton import knobs
+    buf = io.StringIO()
+    prev = knobs.nvidia.dump_ptxas_log
+    try:
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(buf):
+            ck = triton.compile(src, target=_target(), options=opts)
+    finally:
+        knobs.nvidia.dump_ptxas_log = prev
+    log = buf.getvalue()
+    return ck, (log if "Used" in log and "registers" in log else None)
 
 
 def _ptxas_v(ptx: str, enable_fp_fusion: bool = True) -> str:
@@ -332,9 +350,10 @@ def _max_vec_bits(ptx: str, op: str) -> int:
     return best
 
 
-def analyse(ck) -> dict:
+def analyse(ck, log: str | None = None) -> dict:
     ptx = ck.asm["ptx"]
-    log = _ptxas_v(ptx, getattr(ck.metadata, "enable_fp_fusion", True))
+    if log is None:
+        log = _ptxas_v(ptx, getattr(ck.metadata, "enable_fp_fusion", True))
     regs = re.findall(r"Used (\d+) registers", log)
     st = re.findall(r"(\d+) bytes spill stores", log)
     ld = re.findall(r"(\d+) bytes spill loads", log)
