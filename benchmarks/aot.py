@@ -156,13 +156,15 @@ def _eager_triton_op():
 
 
 def dry_run(case: str, body) -> list[Launch]:
-    """Run ``body(wrap)`` (which calls a launcher with ``wrap=wrap`` on fake CUDA
+    """Run ``body(wrap)`` as an eager ``triton_op`` call (a case name ending in
+    ``-traced``: as traced by torch.compile) (which calls a launcher with ``wrap=wrap`` on fake CUDA
     tensors it creates) and return the launches it made, tensors replaced by tiny
     CPU stand-ins of the same dtype (what specialisation looks at: dtype and a
     16-byte-aligned address, as every CUDA allocation is)."""
     import torch
     rec = _Recorder()
-    with _fake_h100(), _eager_triton_op():
+    traced = case.endswith("-traced")  # as under torch.compile: wrap_triton enabled
+    with _fake_h100(), (contextlib.nullcontext() if traced else _eager_triton_op()):
         body(rec)
     out, seen = [], {}
     for kernel, grid, args, kwargs in rec.launches:
@@ -256,6 +258,9 @@ def _cases() -> dict:
                     lo.launch_dropclass_loss(x, xd, y, dropped, wc, 0.5, 1.0, 255, True, True,
                                              torch.empty_like(x), torch.empty_like(xd), wrap=wrap)
                 cases[f"loss-{dname}-{yname}{wname}"] = loss
+                if yname == "i64" and not wname:
+                    # the launch torch.compile traces (no maxnreg: wrap_triton does not forward it)
+                    cases[f"loss-{dname}-{yname}-traced"] = loss
     return cases
 
 

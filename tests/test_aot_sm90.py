@@ -16,7 +16,7 @@ bf16 / fp32 gate kernel (and channels_last at C = 720).
 
 Coverage: by default a representative subset (``SUBSET``, ~40 distinct
 compiles, < 90 s cold on 2 cores); ``DEBIAS_OPS_AOT_ALL=1`` runs every case of
-``benchmarks.aot`` (96 distinct compiles, ~2.5 min). ``python -m benchmarks.aot``
+``benchmarks.aot`` (100 distinct compiles, roughly 2 min cold). ``python -m benchmarks.aot``
 prints the full table (benchmarks/NOTES_aot.md).
 
 Skips under TRITON_INTERPRET=1 and where this Triton lacks the AOT pieces.
@@ -47,7 +47,7 @@ SUBSET = [
     "moments-W48-fp16-nchw",
     "moments-W18s-bf16-nchw", "moments-W18s-fp32-cl",
     # loss: fp32 / bf16 logits, int64 / int32 / uint8 labels, with and without class weights
-    "loss-fp32-i64", "loss-bf16-i32-w", "loss-fp32-u8",
+    "loss-fp32-i64", "loss-bf16-i32-w", "loss-fp32-u8", "loss-fp32-i64-traced",
 ]
 
 
@@ -104,8 +104,12 @@ def test_compiles_sm90(aot, case):
         assert r["regs"] > 0 and r["spill_st"] >= 0, f"{where}: no ptxas -v report:\n{r['ptxas_log'][-2000:]}"
         if ln.kernel_name == "_loss_main_kernel":
             branch = ln.kwargs["BRANCH"]
-            assert ln.kwargs.get("maxnreg") == 128, f"{where}: the eager launch should cap registers at 128"
-            bound = LOSS_MAIN_ACCEPTED_SPILL[branch]
+            if case.endswith("-traced"):  # torch.compile: no maxnreg, ptxas picks the registers
+                assert "maxnreg" not in ln.kwargs, where
+                bound = 0
+            else:
+                assert ln.kwargs.get("maxnreg") == 128, f"{where}: the eager launch should cap registers at 128"
+                bound = LOSS_MAIN_ACCEPTED_SPILL[branch]
             assert r["spill_st"] <= bound, f"{where}: {r['spill_st']} B spilled > accepted {bound} B"
         else:
             assert r["spill_st"] == 0 and r["spill_ld"] == 0, \
@@ -120,7 +124,7 @@ def test_compiles_sm90(aot, case):
 
 
 def test_all_cases_compile_sm90(aot):
-    """Every case of benchmarks.aot (DEBIAS_OPS_AOT_ALL=1 only: ~2.5 min on 2 cores)."""
+    """Every case of benchmarks.aot (DEBIAS_OPS_AOT_ALL=1 only: ~2 min cold on 2 cores)."""
     if not _all():
         pytest.skip("set DEBIAS_OPS_AOT_ALL=1 to compile every case (the subset runs by default)")
     for case in aot._cases():
