@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,18 @@ def available() -> str | None:
         from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
     except Exception as err:  # pragma: no cover
         return f"torch has no FakeTensorMode ({err})"
+    return _probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> str | None:
+    """Dry-run and specialise one gate launch: Triton's JIT internals used here
+    (binder, ``_pack_args``) are private and change between versions."""
+    try:
+        case = "gate-apply-W48-bf16-nchw"
+        _specialise(dry_run(case, _cases()[case])[0])
+    except Exception as err:  # pragma: no cover - other Triton / torch versions
+        return f"this Triton's JIT internals differ from what benchmarks/aot.py uses ({type(err).__name__}: {err})"
     return None
 
 
@@ -301,7 +313,6 @@ _COMPILED: dict = {}  # key -> (compiled kernel, report dict); lives for the pro
 
 def compile_launch(ln: Launch):
     """(CompiledKernel, report) for one recorded launch, compiled once per distinct specialisation."""
-    import triton
     from triton.compiler import ASTSource
     key = _key(ln)
     if key not in _COMPILED:
