@@ -242,10 +242,13 @@ def _shift_kernel(a_ptr, l_ptr, shift_ptr, C, K, N, Wd,
         s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
         tl.store(shift_ptr + ch, s, mask=ch < C)
     else:
-        ch = (pid - n_ab) * BLOCK_S + tl.arange(0, BLOCK_S)
-        x = _load_tile(l_ptr, 0, l_sc, l_sh, l_sw, zero, ch, n, nmask, K, Wd, 0, L_MERGED, True, True)
-        s = (tl.sum(x.to(tl.float32), axis=1) * (1.0 / 16.0)).to(x.dtype).to(tl.float32)
-        tl.store(shift_ptr + C + ch, s, mask=ch < K)
+        # own names: a variable assigned in both branches must have one type there
+        # (bf16 feats with fp32 logits failed to compile for the GPU; the interpreter
+        # does not check this)
+        kh = (pid - n_ab) * BLOCK_S + tl.arange(0, BLOCK_S)
+        xl = _load_tile(l_ptr, 0, l_sc, l_sh, l_sw, zero, kh, n, nmask, K, Wd, 0, L_MERGED, True, True)
+        sl = (tl.sum(xl.to(tl.float32), axis=1) * (1.0 / 16.0)).to(xl.dtype).to(tl.float32)
+        tl.store(shift_ptr + C + kh, sl, mask=kh < K)
 
 
 @triton.jit
@@ -718,7 +721,9 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         a_mean, l_mean, G, X,
         splits, C, K, M,
         n_cb, n_gt, n_kb,
-        BLOCK_C=block_c, BLOCK_K=block_k, ROWS=16 if interp else min(block_c, 16 if block_k > 64 else 32),
+        # ROWS (register tiling only; same sums): 32 for 128-wide tiles with BLOCK_K <= 64, else 16
+        # (sm_90 ptxas: BLOCK_C 64 with ROWS 32 spills 12 B at 8 warps, ROWS 16 does not)
+        BLOCK_C=block_c, BLOCK_K=block_k, ROWS=16 if (interp or block_c < 128 or block_k > 64) else 32,
         G_SHIFT=g_mode > 0, X_SHIFT=x_mode > 0,
         **({} if interp else {"num_warps": 8}),  # 4 warps spill (float64 tile; sm_90 AOT)
     )

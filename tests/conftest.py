@@ -14,6 +14,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kernel: compares Triton kernels with the reference (GPU or interpreter)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "slow: long-running")
+    config.addinivalue_line("markers", "aot: sm_90 compile checks without a GPU (tests/test_aot_sm90.py)")
 
 
 @pytest.fixture(autouse=True)

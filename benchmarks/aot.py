@@ -1,0 +1,448 @@
+"""Compile every Triton kernel of debias_ops for sm_90 (H100) without a GPU, at
+exactly the configurations the launchers pick at SPEC §8's shapes, and report
+what the compiler did.
+
+    python -m benchmarks.aot [--list] [case-substring ...]
+
+How "exactly what the launcher picks" is obtained: each launcher
+(``kernels/gate.launch_gate``, ``kernels/moments.batch_moments``,
+``kernels/loss.launch_dropclass_loss``) is *called* with fake CUDA tensors
+(``FakeTensorMode``: shapes, strides and dtypes, no storage, no GPU), an H100
+SM count (132) and, through the launchers' existing ``wrap=`` hook, a recorder
+in place of each kernel, so ``kernel[grid](*args, **kw)`` records the call
+instead of launching. Each recorded call is then specialised with Triton's own
+binder (the one ``JITFunction.run`` uses: pointer/int alignment, ints equal to
+1 as constants, i32/i64) and compiled with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)`` with the recorded options (num_warps,
+num_stages, maxnreg). Registers and spills come from the bundled ptxas
+(``-v``) run on the generated PTX with Triton's own flags.
+
+Columns: regs, spill stores/loads (bytes), shared memory (KiB; limit 227),
+wgmma / mma instructions in the PTX, tf32 wgmma, widest global load / store
+(bits per thread and instruction), C7515 (ptxas serialised the wgmma
+pipeline). Requires Triton >= 3.5-ish internals (``native_specialize_impl``,
+``create_function_from_signature``); ``available()`` says why not otherwise.
+
+Why: the interpreter runs each program as Python and does not type-check
+if/else branches or check resource limits. Timings still need a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+H100_SMS = 132
+SMEM_LIMIT = 227 * 1024  # sm_90 max dynamic shared memory per block (bytes)
+
+# SPEC §8 shapes
+W48 = dict(B=8, C=720, H=128, W=256, K=19)
+W18S = dict(B=12, C=270, H=128, W=256, K=19)
+LOSS = dict(B=8, K=19, h=128, w=256, H=512, W=1024)
+
+
+# ----------------------------------------------------------------------------- availability
+
+def available() -> str | None:
+    """None when sm_90 AOT compiles can run here, else the reason they cannot."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+        return "TRITON_INTERPRET is set (the compiler path is not used)"
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+    except Exception as err:  # pragma: no cover - other Triton versions
+        return f"this Triton lacks the AOT pieces used here ({err})"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        exe = get_ptxas(90).path
+    except Exception as err:  # pragma: no cover
+        return f"no usable ptxas ({err})"
+    if not exe or not Path(exe).exists():
+        return "no ptxas"
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
+    except Exception as err:  # pragma: no cover
+        return f"torch has no FakeTensorMode ({err})"
+    return _probe()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> str | None:
+    """Dry-run and specialise one gate launch: Triton's JIT internals used here
+    (binder, ``_pack_args``) are private and change between versions."""
+    try:
+        case = "gate-apply-W48-bf16-nchw"
+        _specialise(dry_run(case, _cases()[case])[0])
+    except Exception as err:  # pragma: no cover - other Triton / torch versions
+        return f"this Triton's JIT internals differ from what benchmarks/aot.py uses ({type(err).__name__}: {err})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _target():
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", 90, 32)
+
+
+@functools.lru_cache(maxsize=None)
+def _backend():
+    from triton.compiler import make_backend
+    return make_backend(_target())
+
+
+# ----------------------------------------------------------------------------- recording launches
+
+@dataclass
+class Launch:
+    name: str           # "<case>/<kernel>[#n]"
+    kernel: object      # the JITFunction
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    @property
+    def kernel_name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+class _Recorder:
+    """The launchers' ``wrap`` hook: ``wrap(kernel)[grid](*args, **kw)`` appends a Launch."""
+
+    def __init__(self):
+        self.launches: list[tuple] = []
+
+    def __call__(self, kernel):
+        rec = self
+
+        class _Bound:
+            def __getitem__(self, grid):
+                def _launch(*args, **kwargs):
+                    rec.launches.append((kernel, tuple(grid), args, dict(kwargs)))
+                return _launch
+        return _Bound()
+
+
+@contextlib.contextmanager
+def _fake_h100():
+    """Fake CUDA tensors and an H100's SM count for the launchers' host code."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from debias_ops import _backend as be
+    be.load_kernels()
+    from debias_ops.kernels import gate, moments
+    saved = (gate._sm_count, moments._num_sms, torch.cuda.device)
+    gate._sm_count = lambda index: H100_SMS
+    moments._num_sms = lambda index: H100_SMS
+    torch.cuda.device = lambda device: contextlib.nullcontext()  # Triton's device switch (no CUDA here)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        gate._sm_count, moments._num_sms, torch.cuda.device = saved
+
+
+def _eager_triton_op():
+    """What a ``torch.library.triton_op`` body sees when called eagerly: wrap_triton
+    disabled (launches go straight to the kernel; e.g. the loss launcher then
+    passes ``maxnreg``, which it leaves out when torch.compile traces it)."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)
+
+
+def dry_run(case: str, body) -> list[Launch]:
+    """Run ``body(wrap)`` as an eager ``triton_op`` call (a case name ending in
+    ``-traced``: as traced by torch.compile) (which calls a launcher with ``wrap=wrap`` on fake CUDA
+    tensors it creates) and return the launches it made, tensors replaced by tiny
+    CPU stand-ins of the same dtype (what specialisation looks at: dtype and a
+    16-byte-aligned address, as every CUDA allocation is)."""
+    import torch
+    rec = _Recorder()
+    traced = case.endswith("-traced")  # as under torch.compile: wrap_triton enabled
+    with _fake_h100(), (contextlib.nullcontext() if traced else _eager_triton_op()):
+        body(rec)
+    out, seen = [], {}
+    for kernel, grid, args, kwargs in rec.launches:
+        def real(a):
+            return torch.empty(1, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
+        kname = kernel.fn.__name__
+        seen[kname] = seen.get(kname, 0) + 1
+        name = f"{case}/{kname.strip('_')}" + (f"#{seen[kname]}" if seen[kname] > 1 else "")
+        out.append(Launch(name, kernel, grid, tuple(real(a) for a in args),
+                          {k: real(v) for k, v in kwargs.items()}))
+    # number the first of a repeated kernel too
+    for ln in out:
+        kname = ln.kernel_name
+        if seen[kname] > 1 and "#" not in ln.name:
+            ln.name += "#1"
+    return out
+
+
+# ----------------------------------------------------------------------------- the cases (what the ops launch)
+
+def _cases() -> dict:
+    import torch
+
+    from debias_ops import _backend as be
+    be.load_kernels()
+    from debias_ops.kernels import gate as g
+    from debias_ops.kernels import loss as lo
+    from debias_ops.kernels import moments as mo
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    cases = {}
+
+    def feats(s, dtype, cl, C=None, K=False):
+        C = s["K"] if K else s["C"]
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        return torch.empty(s["B"], C, s["H"], s["W"], dtype=dtype, device="cuda", memory_format=fmt)
+
+    # gate (SPEC §3): forward apply (suppress, class_drop), backward dA (+ dg for class_drop)
+    for sname, s in (("W48", W48), ("W18s", W18S)):
+        for dname in ("bf16", "fp32", "fp16"):
+            for cl in (False, True):
+                lay = "cl" if cl else "nchw"
+
+                def apply(wrap, s=s, d=dt[dname], cl=cl):
+                    a = feats(s, d, cl)
+                    gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
+                    g.launch_gate(a, gt, torch.empty_like(a), wrap=wrap)
+
+                def bwd(wrap, s=s, d=dt[dname], cl=cl):  # suppress: dA only
+                    a = feats(s, d, cl)
+                    gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
+                    g.launch_gate(torch.empty_like(a), gt, torch.empty_like(a), None, wrap=wrap)
+
+                def bwd_dg(wrap, s=s, d=dt[dname], cl=cl):  # class_drop: dA and dg
+                    a = feats(s, d, cl)
+                    gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
+                    g.launch_gate(torch.empty_like(a), gt, torch.empty_like(a), a, wrap=wrap)
+
+                cases[f"gate-apply-{sname}-{dname}-{lay}"] = apply
+                cases[f"gate-bwd-{sname}-{dname}-{lay}"] = bwd
+                cases[f"gate-bwd-dg-{sname}-{dname}-{lay}"] = bwd_dg
+        for dname in ("bf16", "fp32"):
+            # out.sum().backward(): a stride-0 expanded dOut
+            def bwd_exp(wrap, s=s, d=dt[dname]):
+                a = feats(s, d, False)
+                gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
+                dout = torch.empty((), dtype=d, device="cuda").expand(a.shape)
+                g.launch_gate(dout, gt, torch.empty_like(a), a, wrap=wrap)
+            cases[f"gate-bwd-dg-{sname}-{dname}-expanded"] = bwd_exp
+
+    # moments (SPEC §2): fp32 (tf32x3), bf16, fp16, mixed (bf16 feats, fp32 logits)
+    for sname, s in (("W48", W48), ("W18s", W18S)):
+        for dname, (da, dl) in (("fp32", ("fp32", "fp32")), ("bf16", ("bf16", "bf16")),
+                                ("fp16", ("fp16", "fp16")), ("mixed", ("bf16", "fp32"))):
+            for cl in (False, True):
+                def mom(wrap, s=s, da=dt[da], dl=dt[dl], cl=cl):
+                    mo.batch_moments(feats(s, da, cl), feats(s, dl, cl, K=True), wrap=wrap)
+                cases[f"moments-{sname}-{dname}-{'cl' if cl else 'nchw'}"] = mom
+
+    # loss (SPEC §4): fp32 / bf16 logits, int64 / int32 / uint8 labels, with / without class weights
+    s = LOSS
+    for dname in ("fp32", "bf16"):
+        for yname, ydt in (("i64", torch.int64), ("i32", torch.int32), ("u8", torch.uint8)):
+            for wname in ("", "-w"):
+                def loss(wrap, d=dt[dname], ydt=ydt, weighted=bool(wname)):
+                    x = torch.empty(s["B"], s["K"], s["h"], s["w"], dtype=d, device="cuda")
+                    xd = torch.empty_like(x)
+                    y = torch.empty(s["B"], s["H"], s["W"], dtype=ydt, device="cuda")
+                    dropped = torch.empty(s["B"], s["K"], dtype=torch.bool, device="cuda")
+                    wc = torch.empty(s["K"], dtype=torch.float32, device="cuda") if weighted else None
+                    lo.launch_dropclass_loss(x, xd, y, dropped, wc, 0.5, 1.0, 255, True, True,
+                                             torch.empty_like(x), torch.empty_like(xd), wrap=wrap)
+                cases[f"loss-{dname}-{yname}{wname}"] = loss
+                if yname == "i64" and not wname:
+                    # the launch torch.compile traces (no maxnreg: wrap_triton does not forward it)
+                    cases[f"loss-{dname}-{yname}-traced"] = loss
+    return cases
+
+
+def launches(select=None) -> list[Launch]:
+    """Every launch of every case (``select``: substrings, any of which must match the case name)."""
+    out = []
+    for case, body in _cases().items():
+        if select and not any(s in case for s in select):
+            continue
+        out.extend(dry_run(case, body))
+    return out
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def _specialise(ln: Launch):
+    """(signature, constexprs, attrs, options dict) exactly as ``JITFunction.run`` would build them."""
+    from triton import knobs
+    from triton.runtime.jit import create_function_from_signature
+    fn, backend = ln.kernel, _backend()
+    kwargs = dict(ln.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*ln.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    opts = {k: v for k, v in kwargs.items() if k not in signature}
+    return signature, constexprs, attrs, opts
+
+
+def _key(ln: Launch):
+    sig, const, attrs, opts = _specialise(ln)
+    return (ln.kernel.fn.__module__, ln.kernel_name, tuple(sig.items()), tuple(sorted(const.items())),
+            repr(sorted(attrs.items())), tuple(sorted(opts.items())))
+
+
+_COMPILED: dict = {}  # key -> (compiled kernel, report dict); lives for the process (a test session)
+
+
+def compile_launch(ln: Launch):
+    """(CompiledKernel, report) for one recorded launch, compiled once per distinct specialisation."""
+    from triton.compiler import ASTSource
+    key = _key(ln)
+    if key not in _COMPILED:
+        sig, const, attrs, opts = _specialise(ln)
+        t0 = time.perf_counter()
+        ck, log = _compile_with_log(ASTSource(fn=ln.kernel, signature=sig, constexprs=const, attrs=attrs), opts)
+        rep = analyse(ck, log)
+        rep["compile_s"] = time.perf_counter() - t0
+        rep["options"] = {k: opts[k] for k in ("num_warps", "num_stages", "maxnreg") if k in opts}
+        _COMPILED[key] = (ck, rep)
+    return _COMPILED[key]
+
+
+def _compile_with_log(src, opts):
+    """triton.compile for sm_90, keeping ptxas's -v log when Triton runs ptxas (it does
+    not on an on-disk cache hit: then the log is None and ``analyse`` runs ptxas)."""
+    import io
+
+    import triton
+    from triton import knobs
+    buf = io.StringIO()
+    prev = knobs.nvidia.dump_ptxas_log
+    try:
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(buf):
+            ck = triton.compile(src, target=_target(), options=opts)
+    finally:
+        knobs.nvidia.dump_ptxas_log = prev
+    log = buf.getvalue()
+    return ck, (log if "Used" in log and "registers" in log else None)
+
+
+def _ptxas_v(ptx: str, enable_fp_fusion: bool = True) -> str:
+    """ptxas -v log of the PTX with Triton's own flags (Triton does not keep the log)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    exe = get_ptxas(90).path
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [exe, "-lineinfo", *([] if enable_fp_fusion else ["--fmad=false"]), "-v", "--regAllocOptLevel=2",
+               "--gpu-name=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        return r.stdout + r.stderr
+
+
+def _max_vec_bits(ptx: str, op: str) -> int:
+    """Widest global access of kind ``op`` (ld / st) in bits per thread and instruction."""
+    best = 0
+    for m in re.finditer(rf"\b{op}\.global[.\w]*?(?:\.v(\d))?\.(b|f|u|s)(\d+)\b", ptx):
+        best = max(best, int(m.group(1) or 1) * int(m.group(3)))
+    return best
+
+
+def analyse(ck, log: str | None = None) -> dict:
+    ptx = ck.asm["ptx"]
+    if log is None:
+        log = _ptxas_v(ptx, getattr(ck.metadata, "enable_fp_fusion", True))
+    regs = re.findall(r"Used (\d+) registers", log)
+    st = re.findall(r"(\d+) bytes spill stores", log)
+    ld = re.findall(r"(\d+) bytes spill loads", log)
+    return dict(
+        regs=int(regs[-1]) if regs else -1,
+        spill_st=int(st[-1]) if st else -1,
+        spill_ld=int(ld[-1]) if ld else -1,
+        smem=int(ck.metadata.shared),
+        wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
+        wgmma_tf32=len(re.findall(r"^\s*wgmma\.mma_async\S*\.tf32", ptx, re.M)),
+        mma=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
+        cvt_tf32=len(re.findall(r"cvt\.rna\.tf32\.f32", ptx)),
+        ld_bits=_max_vec_bits(ptx, "ld"),
+        st_bits=_max_vec_bits(ptx, "st"),
+        c7515="C7515" in log,
+        ptxas_log=log,
+    )
+
+
+# ----------------------------------------------------------------------------- table
+
+HEADER = (f"{'launch':44s} {'grid':>16s} {'warps':>5s} {'stg':>3s} {'maxr':>4s} {'regs':>4s} {'spill st/ld':>11s} "
+          f"{'smem KiB':>8s} {'wgmma':>5s} {'tf32':>4s} {'mma':>4s} {'ld/st bits':>10s}  note")
+
+
+def row(ln: Launch, r: dict) -> str:
+    """One table line of a compiled launch (see HEADER)."""
+    o = r["options"]
+    note = []
+    if r["smem"] > SMEM_LIMIT:
+        note.append("OVER 227 KiB")
+    if r["c7515"]:
+        note.append("wgmma serialised (C7515)")
+    grid = "x".join(str(x) for x in ln.grid)
+    return (f"{ln.name:44s} {grid:>16s} {o.get('num_warps', '-')!s:>5s} {o.get('num_stages', '-')!s:>3s} "
+            f"{o.get('maxnreg', '-')!s:>4s} {r['regs']:4d} {str(r['spill_st']) + '/' + str(r['spill_ld']):>11s} "
+            f"{r['smem'] / 1024:8.1f} {r['wgmma']:5d} {r['wgmma_tf32']:4d} {r['mma']:4d} "
+            f"{str(r['ld_bits']) + '/' + str(r['st_bits']):>10s}  {', '.join(note)}")
+
+
+def print_table(launch_list, out=sys.stdout) -> list[tuple[Launch, dict]]:
+    """Compile each launch and print its line; returns [(launch, report)]."""
+    print(HEADER, file=out, flush=True)
+    rows = []
+    for ln in launch_list:
+        _ck, r = compile_launch(ln)
+        print(row(ln, r), file=out, flush=True)
+        rows.append((ln, r))
+    return rows
+
+
+def table(select=None, out=sys.stdout) -> list[tuple[Launch, dict]]:
+    return print_table(launches(select), out)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    why = available()
+    if why:
+        print(f"sm_90 AOT compile not available: {why}")
+        return 1
+    if "--list" in argv:
+        for c in _cases():
+            print(c)
+        return 0
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default
+    import triton
+    print(f"triton {triton.__version__}, target sm_90 (H100, {H100_SMS} SMs), ptxas -v; smem limit 227 KiB")
+    t0 = time.perf_counter()
+    table(argv or None)
+    print(f"({len(_COMPILED)} distinct compiles, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
