@@ -564,64 +564,6 @@ def test_cpu_opcheck_reference_branch():
         torch.library.opcheck(fs.batch_moments_op, (a.detach(), torch.randn(2, 3, 3, 5)))
 
 
-def test_gate_kernel_compiles_for_sm90_vectorised():
-    """Without a GPU: compile the real (non-interpreted) gate kernel to sm_90
-    cubin with Triton's bundled ptxas, as the launcher would specialise it for
-    W48 (strides divisible by 16, unit strides as constants), and check that
-    NCHW and channels_last tiles get 128-bit loads and stores (coalesced,
-    vectorised along the unit-stride axis). Catches kernels that only work in
-    the interpreter."""
-    _not_interpreting()
-    triton = pytest.importorskip("triton")
-    import importlib
-    import re
-
-    from debias_ops import _backend
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource/GPUTarget")
-    _backend.load_kernels()
-    gate = importlib.import_module("debias_ops.kernels.gate")
-    fn = gate._gate_kernel
-    names = fn.arg_names
-    flags = ("BLOCK_C", "BLOCK_N", "X_LAYOUT", "Y_LAYOUT", "A_LAYOUT", "WRITE_Y", "WITH_DG")
-    cases = [  # (layout, block, unit-stride args, with_dg)
-        (gate.LAYOUT_N, (16, 256), ("sxn", "syn", "san", "sgc"), True),
-        (gate.LAYOUT_C, (128, 32), ("sxc", "syc", "sac", "sgc"), True),
-        (gate.LAYOUT_N, (16, 256), ("sxn", "syn", "san", "sgc"), False),
-    ]
-    for layout, (bc, bn), unit, with_dg in cases:
-        const = dict(BLOCK_C=bc, BLOCK_N=bn, X_LAYOUT=layout, Y_LAYOUT=layout, A_LAYOUT=layout,
-                     WRITE_Y=True, WITH_DG=with_dg, **{u: 1 for u in unit})
-        sig = {}
-        for n in names:
-            if n in const:
-                sig[n] = "constexpr"
-            elif n in ("X", "Y", "A"):
-                sig[n] = "*bf16"
-            elif n in ("Gate", "P"):
-                sig[n] = "*fp32"
-            else:
-                sig[n] = "i32"
-        div16 = [n for n in names if sig[n] != "constexpr" and n not in ("n_cblk", "n_chunk", "blocks_per_chunk")]
-        try:
-            src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
-                            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
-        except TypeError:
-            pytest.skip("this Triton's ASTSource has another signature")
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
-        except RuntimeError as err:
-            if "ptxas" in str(err).lower() and "not found" in str(err).lower():
-                pytest.skip("no ptxas")
-            raise
-        ptx = compiled.asm["ptx"]
-        assert re.search(r"ld\.global(\.[a-z]+)*\.v4\.b32", ptx), f"layout {layout}: no 128-bit loads"
-        assert re.search(r"st\.global(\.[a-z]+)*\.v4\.b32", ptx), f"layout {layout}: no 128-bit stores"
-
-
 def test_cpu_custom_op_fallback_registration():
     """torch 2.4–2.5 have no torch.library.triton_op: the ops are then plain
     custom_ops with register_fake. Simulated in a subprocess by hiding triton_op:
