@@ -10,7 +10,7 @@ import torch
 
 import debias_ops as dops
 from debias_ops import _backend
-from tests.helpers import assert_close
+from tests.helpers import assert_close, kernel_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,6 +95,45 @@ def test_dropclass_loss_returns_named_tuple():
                               torch.tensor([0, -1]), lam=0.5)
     assert isinstance(res, dops.DropClassLoss) and res._fields == ("loss", "ce", "ce_drop", "sup")
     assert res.loss.shape == () and res.loss.dtype == torch.float32
+
+
+
+def _autocast_cases(device, autocast=False):
+    """Outputs and gradients of every op on fp32 inputs (for the autocast regression);
+    the forward under autocast, the backward outside it (as PyTorch recommends)."""
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 7, 3, 5, generator=g).to(device).requires_grad_()
+    weight = torch.randn(3, 7, generator=g).to(device).requires_grad_()
+    logits = torch.randn(2, 3, 3, 5, generator=g).to(device)
+    x = torch.randn(2, 3, 3, 4, generator=g).to(device).requires_grad_()
+    y = torch.randint(0, 3, (2, 7, 9), generator=g).to(device)
+    drop = torch.tensor([1, -1], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out_c = dops.class_drop(feats, weight, 3, drop=drop)
+        out_s = dops.suppress(feats, logits, 2, drop=drop)
+        S = dops.class_importance(feats, logits)
+        loss = dops.dropclass_loss(x, x, y, drop, lam=0.3).loss
+    (out_c.sum() + out_s.sum() + loss).backward()
+    return [out_c, out_s, S, loss, feats.grad, weight.grad, x.grad]
+
+
+def _check_autocast_ignored(device):
+    """Regression: the ops pick their own precision (SPEC §1); under an enclosing
+    torch.autocast the gate's (B, K)·(K, C) product ran in bf16 and class_drop's
+    output moved by ~1e-2. Now the results are bitwise those without autocast."""
+    expect = _autocast_cases(device)
+    got = _autocast_cases(device, autocast=True)
+    for i, (a, e) in enumerate(zip(got, expect)):
+        assert a.dtype == e.dtype and torch.equal(a, e), f"case {i}: autocast changed the result"
+
+
+def test_ops_ignore_autocast_reference():
+    _check_autocast_ignored(torch.device("cpu"))
+
+
+@pytest.mark.kernel
+def test_ops_ignore_autocast_kernels():
+    _check_autocast_ignored(kernel_device())
 
 
 # ----------------------------------------------------------------------------- dispatch
