@@ -31,11 +31,12 @@ def _autocast_off(op):
     absolute on a class_drop output of O(1) under CPU bf16 autocast).
     """
     @functools.wraps(op)
-    def wrapper(first, *args, **kwargs):
-        dev = first.device.type if isinstance(first, torch.Tensor) else None
+    def wrapper(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        dev = first.device.type if first is not None else None
         ctx = torch.autocast(dev, enabled=False) if dev in ("cpu", "cuda") else contextlib.nullcontext()
         with ctx:
-            return op(first, *args, **kwargs)
+            return op(*args, **kwargs)
     return wrapper
 
 

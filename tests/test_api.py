@@ -90,6 +90,17 @@ def test_layout_and_mixed_dtypes():
     assert dops.class_importance(feats, logits).dtype == torch.float32
 
 
+def test_keyword_arguments():
+    """Every op accepts its SPEC §5 argument names as keywords."""
+    feats, logits, W = torch.randn(2, 5, 3, 4), torch.randn(2, 3, 3, 4), torch.randn(3, 5)
+    assert_close(dops.suppress(feats=feats, class_logits=logits, k=2, drop=1), dops.suppress(feats, logits, 2, drop=1))
+    assert_close(dops.class_drop(feats=feats, class_weight=W, k=2), dops.class_drop(feats, W, 2))
+    assert_close(dops.class_importance(feats=feats, class_logits=logits), dops.class_importance(feats, logits))
+    x, y = torch.randn(2, 3, 2, 2), torch.randint(0, 3, (2, 4, 4))
+    assert_close(dops.dropclass_loss(logits=x, logits_drop=x, target=y, drop=1, lam=0.5).loss,
+                 dops.dropclass_loss(x, x, y, 1, lam=0.5).loss)
+
+
 def test_dropclass_loss_returns_named_tuple():
     res = dops.dropclass_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8)),
                               torch.tensor([0, -1]), lam=0.5)
