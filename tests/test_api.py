@@ -147,6 +147,39 @@ def test_ops_ignore_autocast_kernels():
     _check_autocast_ignored(kernel_device())
 
 
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("checks", [False, True], ids=["value_checks_off", "value_checks_on"])
+def test_no_python_level_host_sync(checks):
+    """SPEC §5: no host sync in the ops' hot path. Forward and backward of every
+    fused op with Tensor.item / tolist / __bool__ patched to fail: with value
+    checks off nothing may call them; with them on, the (switchable) checks do
+    -- which shows the guard bites. (The GPU CUDA-graph tests catch C++-level syncs.)"""
+    from unittest import mock
+
+    device = kernel_device()
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync in the op's path")
+
+    feats = torch.randn(2, 7, 3, 5, device=device, requires_grad=True)
+    weight = torch.randn(3, 7, device=device, requires_grad=True)
+    logits = torch.randn(2, 3, 3, 5, device=device)
+    x = torch.randn(2, 3, 3, 4, device=device, requires_grad=True)
+    y = torch.randint(0, 3, (2, 7, 9), device=device)
+    drop = torch.tensor([1, -1], device=device)
+    patches = [mock.patch.object(torch.Tensor, name, sync) for name in ("item", "tolist", "__bool__")]
+    with dops.value_checks(checks), patches[0], patches[1], patches[2]:
+        def run():
+            total = (dops.class_drop(feats, weight, 3, drop=drop).sum() + dops.suppress(feats, logits, 2, drop=drop).sum()
+                     + dops.class_importance(feats, logits).sum() + dops.dropclass_loss(x, x, y, drop, lam=0.3).loss)
+            total.backward()
+        if checks:
+            with pytest.raises(AssertionError, match="host sync"):
+                run()
+        else:
+            run()
+
 # ----------------------------------------------------------------------------- dispatch
 
 def test_backend_env(monkeypatch):
