@@ -139,6 +139,39 @@ def _gate_apply_backward(ctx, grad):
 gate_apply_op.register_autograd(_gate_apply_backward, setup_context=_gate_apply_setup_context)
 
 
+def _gate_backward_setup_context(ctx, inputs, output):
+    grad, gate, feats, need_da, need_dg, _channels_last = inputs
+    ctx.need_da, ctx.need_dg = need_da, need_dg
+    # only reached with grad mode on in the backward (create_graph=True)
+    ctx.save_for_backward(grad, gate, feats if need_dg else None)
+
+
+def _gate_backward_backward(ctx, g_da, g_dg):
+    """Double backward (create_graph=True, e.g. a gradient penalty). The pass is
+    bilinear -- dA = dOut·g, dg = Σ_n dOut·A -- so with incoming ḡA, ḡg:
+
+        ∂/∂dOut = ḡA·g + ḡg·A,   ∂/∂g = Σ_n ḡA·dOut,   ∂/∂A = ḡg·dOut
+
+    in plain (again differentiable) PyTorch, float32 math, each cast to its
+    input's dtype. Without it a second derivative through class_drop/suppress
+    raised "no autograd formula registered for gate_backward"."""
+    grad, gate, feats = ctx.saved_tensors
+    d_grad = d_gate = d_feats = None
+    if ctx.need_da and g_da is not None:
+        t = g_da.float()
+        d_grad = t * gate.float()[:, :, None, None]
+        d_gate = (t * grad.float()).sum(dim=(2, 3))
+    if ctx.need_dg and g_dg is not None:
+        u = g_dg.float()[:, :, None, None]
+        d_grad = u * feats.float() if d_grad is None else d_grad + u * feats.float()
+        d_feats = (u * grad.float()).to(feats.dtype)
+    return ((d_grad.to(grad.dtype) if d_grad is not None else None),
+            (d_gate.to(gate.dtype) if d_gate is not None else None), d_feats, None, None, None)
+
+
+gate_backward_op.register_autograd(_gate_backward_backward, setup_context=_gate_backward_setup_context)
+
+
 # ----------------------------------------------------------------------------- public entry points (called by api)
 
 def class_importance(feats: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,8 @@ def check_k(k, C: int) -> Optional[int]:
 
 def check_feats(feats) -> None:
     check_tensor(feats, "feats", ndim=4)
+    if feats.shape[1] < 1:  # C = 0 crashed deep inside the moments with a reshape error
+        raise ValueError(f"feats must have C >= 1 channels, got shape {tuple(feats.shape)}")
 
 
 def check_class_logits(feats, class_logits) -> int:

@@ -60,7 +60,18 @@ def kernel_device() -> torch.device:
 
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values in another memory layout: 'contiguous', 'channels_last',
-    or 'strided' (a non-contiguous view: every other element of a wider tensor)."""
+    'strided' (a non-contiguous view: every other element of a wider tensor), or
+    'offset' / 'offset_cl' (4-D: a view at a non-zero storage offset into a larger
+    NCHW / channels_last tensor whose other entries are NaN, so that a kernel
+    ignoring the offset or reading outside the view produces NaN)."""
+    if layout in ("offset", "offset_cl"):
+        B, C, H, W = x.shape
+        fmt = torch.channels_last if layout == "offset_cl" else torch.contiguous_format
+        big = torch.full((B + 1, C + 3, H, W), float("nan"), dtype=x.dtype, device=x.device)
+        view = big.contiguous(memory_format=fmt)[1:, 2:2 + C]
+        view.copy_(x)
+        assert view.storage_offset() > 0
+        return view
     if layout == "contiguous":
         return x.contiguous()
     if layout == "channels_last":

@@ -10,7 +10,7 @@ import torch
 
 import debias_ops as dops
 from debias_ops import _backend
-from tests.helpers import assert_close
+from tests.helpers import assert_close, kernel_device
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,12 +90,95 @@ def test_layout_and_mixed_dtypes():
     assert dops.class_importance(feats, logits).dtype == torch.float32
 
 
+def test_keyword_arguments():
+    """Every op accepts its SPEC §5 argument names as keywords."""
+    feats, logits, W = torch.randn(2, 5, 3, 4), torch.randn(2, 3, 3, 4), torch.randn(3, 5)
+    assert_close(dops.suppress(feats=feats, class_logits=logits, k=2, drop=1), dops.suppress(feats, logits, 2, drop=1))
+    assert_close(dops.class_drop(feats=feats, class_weight=W, k=2), dops.class_drop(feats, W, 2))
+    assert_close(dops.class_importance(feats=feats, class_logits=logits), dops.class_importance(feats, logits))
+    x, y = torch.randn(2, 3, 2, 2), torch.randint(0, 3, (2, 4, 4))
+    assert_close(dops.dropclass_loss(logits=x, logits_drop=x, target=y, drop=1, lam=0.5).loss,
+                 dops.dropclass_loss(x, x, y, 1, lam=0.5).loss)
+
+
 def test_dropclass_loss_returns_named_tuple():
     res = dops.dropclass_loss(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randint(0, 3, (2, 8, 8)),
                               torch.tensor([0, -1]), lam=0.5)
     assert isinstance(res, dops.DropClassLoss) and res._fields == ("loss", "ce", "ce_drop", "sup")
     assert res.loss.shape == () and res.loss.dtype == torch.float32
 
+
+
+def _autocast_cases(device, autocast=False):
+    """Outputs and gradients of every op on fp32 inputs (for the autocast regression);
+    the forward under autocast, the backward outside it (as PyTorch recommends)."""
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 7, 3, 5, generator=g).to(device).requires_grad_()
+    weight = torch.randn(3, 7, generator=g).to(device).requires_grad_()
+    logits = torch.randn(2, 3, 3, 5, generator=g).to(device)
+    x = torch.randn(2, 3, 3, 4, generator=g).to(device).requires_grad_()
+    y = torch.randint(0, 3, (2, 7, 9), generator=g).to(device)
+    drop = torch.tensor([1, -1], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out_c = dops.class_drop(feats, weight, 3, drop=drop)
+        out_s = dops.suppress(feats, logits, 2, drop=drop)
+        S = dops.class_importance(feats, logits)
+        loss = dops.dropclass_loss(x, x, y, drop, lam=0.3).loss
+    (out_c.sum() + out_s.sum() + loss).backward()
+    return [out_c, out_s, S, loss, feats.grad, weight.grad, x.grad]
+
+
+def _check_autocast_ignored(device):
+    """Regression: the ops pick their own precision (SPEC §1); under an enclosing
+    torch.autocast the gate's (B, K)·(K, C) product ran in bf16 and class_drop's
+    output moved by ~1e-2. Now the results are bitwise those without autocast."""
+    expect = _autocast_cases(device)
+    got = _autocast_cases(device, autocast=True)
+    for i, (a, e) in enumerate(zip(got, expect)):
+        assert a.dtype == e.dtype and torch.equal(a, e), f"case {i}: autocast changed the result"
+
+
+def test_ops_ignore_autocast_reference():
+    _check_autocast_ignored(torch.device("cpu"))
+
+
+@pytest.mark.kernel
+def test_ops_ignore_autocast_kernels():
+    _check_autocast_ignored(kernel_device())
+
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("checks", [False, True], ids=["value_checks_off", "value_checks_on"])
+def test_no_python_level_host_sync(checks):
+    """SPEC §5: no host sync in the ops' hot path. Forward and backward of every
+    fused op with Tensor.item / tolist / __bool__ patched to fail: with value
+    checks off nothing may call them; with them on, the (switchable) checks do
+    -- which shows the guard bites. (The GPU CUDA-graph tests catch C++-level syncs.)"""
+    from unittest import mock
+
+    device = kernel_device()
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync in the op's path")
+
+    feats = torch.randn(2, 7, 3, 5, device=device, requires_grad=True)
+    weight = torch.randn(3, 7, device=device, requires_grad=True)
+    logits = torch.randn(2, 3, 3, 5, device=device)
+    x = torch.randn(2, 3, 3, 4, device=device, requires_grad=True)
+    y = torch.randint(0, 3, (2, 7, 9), device=device)
+    drop = torch.tensor([1, -1], device=device)
+    patches = [mock.patch.object(torch.Tensor, name, sync) for name in ("item", "tolist", "__bool__")]
+    with dops.value_checks(checks), patches[0], patches[1], patches[2]:
+        def run():
+            total = (dops.class_drop(feats, weight, 3, drop=drop).sum() + dops.suppress(feats, logits, 2, drop=drop).sum()
+                     + dops.class_importance(feats, logits).sum() + dops.dropclass_loss(x, x, y, drop, lam=0.3).loss)
+            total.backward()
+        if checks:
+            with pytest.raises(AssertionError, match="host sync"):
+                run()
+        else:
+            run()
 
 # ----------------------------------------------------------------------------- dispatch
 

@@ -24,6 +24,7 @@ W = torch.randn(3, 6)
 @pytest.mark.parametrize("call,exc,name", [
     (lambda: dops.suppress(F[0], L, 2), ValueError, "feats"),
     (lambda: dops.suppress(F.long(), L, 2), TypeError, "feats"),
+    (lambda: dops.class_drop(F[:, :0], W[:, :0]), ValueError, "feats"),  # C = 0 (was a reshape RuntimeError)
     (lambda: dops.suppress([1.0], L, 2), TypeError, "feats"),
     (lambda: dops.suppress(F, L[:, :, :3], 2), ValueError, "class_logits"),
     (lambda: dops.suppress(F, L[:1], 2), ValueError, "class_logits"),
