@@ -40,7 +40,9 @@ the two seed standard deviations, "hurts" if the mean loss does, else
 On a CUDA device the ops dispatch to the fused Triton kernels (SPEC §5).
 Committed CPU results (examples/results/): quick.* (the quick cell), quick_alpha1.*
 (--quick --alpha 1), quick_300steps.* (an earlier 300-step quick run),
-cell_steps1000.* (the default cell). The GPU sweep has not been run yet.
+cell_steps1000.* (the default cell), quick_per_batch.* (--quick --per-batch: one
+class per batch, the paper's scheme), quick_detached.* (--quick --detach-importance).
+The GPU sweep has not been run yet.
 Results go to examples/results/ (``--out`` to change): <name>.txt (the table),
 <name>.json (every number), <name>.png (per-class IoU).
 """
@@ -83,6 +85,8 @@ class Config:
     width: int = 32         # feature channels C
     noise: float = 0.45     # pixel noise std
     stripe: float = 0.5     # stripe amplitude (the only local cue separating rider from sign)
+    per_sample: bool = True  # DropClassHead's drop: one class per sample (True) or per batch (the paper)
+    weight_grad: bool = True  # let class_drop's gradient reach classifier.weight (DropClassHead's default)
 
 
 _COLOUR = {
@@ -206,7 +210,8 @@ class Net(nn.Module):
         if head == "baseline":
             self.head = BaselineHead(cfg.width, K)
         else:
-            self.head = dops.DropClassHead(cfg.width, K, importance="weight", alpha=cfg.alpha)
+            self.head = dops.DropClassHead(cfg.width, K, importance="weight", alpha=cfg.alpha,
+                                           per_sample=cfg.per_sample, weight_grad=cfg.weight_grad)
         self.kind = head
 
     def forward(self, x, target=None, t=None):
@@ -302,7 +307,9 @@ def table(res: Dict, cfg: Config, n_seeds: int, title: str = "") -> str:
     if title:
         lines.append(title)
     lines.append(f"per-class IoU (%), mean ± std over {n_seeds} seeds; bias={cfg.bias}, steps={cfg.steps}, "
-                 f"alpha={cfg.alpha}, batch={cfg.batch}, {cfg.size}x{cfg.size}")
+                 f"alpha={cfg.alpha}, batch={cfg.batch}, {cfg.size}x{cfg.size}"
+                 + ("" if cfg.per_sample else ", drop per batch (paper)")
+                 + ("" if cfg.weight_grad else ", importance detached"))
     lines.append(f"{'split':12s} {'class':11s} {'baseline':>14s} {'DropClass':>14s} {'Δ':>7s}")
     for split in ("ordinary", "conflicting"):
         bm, bs = _ms(res["baseline"][split])
@@ -376,6 +383,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--stripe", type=float, default=None,
                     help="stripe amplitude, the only local rider/sign cue (default 0.5; smaller = stronger shortcut)")
     ap.add_argument("--noise", type=float, default=None, help="pixel noise std (default 0.45)")
+    ap.add_argument("--per-batch", action="store_true",
+                    help="drop one class for the whole batch (the paper's scheme) instead of one per sample")
+    ap.add_argument("--detach-importance", action="store_true",
+                    help="no gradient through the importance max(0, W) (DropClassHead(weight_grad=False))")
     ap.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=None, help="output file stem (default: quick | cell | sweep)")
@@ -388,6 +399,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     overrides = {k: v for k, v in (("steps", args.steps), ("bias", args.bias), ("alpha", args.alpha),
                                    ("n_train", args.n_train), ("n_test", args.n_test),
                                    ("stripe", args.stripe), ("noise", args.noise)) if v is not None}
+    if args.per_batch:
+        overrides["per_sample"] = False
+    if args.detach_importance:
+        overrides["weight_grad"] = False
     cfg = replace(cfg, **overrides)
     seeds = list(range(args.seeds))
     args.out.mkdir(parents=True, exist_ok=True)
