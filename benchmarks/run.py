@@ -147,7 +147,7 @@ class Runner:
                     row.update(status="error", reason="no reference result to check against: not timed")
                     return row
                 else:
-                    row["check"] = cases.compare(got, ref, case.dtype)
+                    row["check"] = case.check(got, ref)
                     if not row["check"]["ok"]:
                         row.update(status="wrong", reason=f"differs from the reference in {row['check']['worst']} "
                                                           f"({row['check']['max_err_over_tol']:.3g}× the tolerance): not timed")

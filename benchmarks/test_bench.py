@@ -87,7 +87,7 @@ def test_bench(benchmark, op, shape, dtype, mode, impl):
     with case.context(impl):
         got = case.result(impl)
         if impl != "eager":
-            chk = cases.compare(got, ref, dtype)
+            chk = case.check(got, ref)
             if not chk["ok"]:
                 pytest.fail(f"{impl} differs from the reference in {chk['worst']} "
                             f"({chk['max_err_over_tol']:.3g}× the tolerance {chk['tol']}): not timed")

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import emulate_rtne_bf16, to_output
+
 LAYOUT_HW, LAYOUT_N, LAYOUT_C, LAYOUT_CN = 0, 1, 2, 3
 
 
@@ -75,7 +77,7 @@ def _gate_kernel(
     spk, spb,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     X_LAYOUT: tl.constexpr, Y_LAYOUT: tl.constexpr, A_LAYOUT: tl.constexpr,
-    WRITE_Y: tl.constexpr, WITH_DG: tl.constexpr,
+    WRITE_Y: tl.constexpr, WITH_DG: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """Y = X·g (if WRITE_Y) and partial[chunk, b, c] = Σ_{n in chunk} X·A (if WITH_DG).
 
@@ -108,7 +110,7 @@ def _gate_kernel(
         x = tl.load(x_base + _offsets(c, n, sxc, sxn, sxh, sxw, Wd, X_LAYOUT), mask=mask, other=0.0).to(tl.float32)
         if WRITE_Y:
             y = x * g
-            tl.store(y_base + _offsets(c, n, syc, syn, syh, syw, Wd, Y_LAYOUT), y.to(Y.dtype.element_ty), mask=mask)
+            tl.store(y_base + _offsets(c, n, syc, syn, syh, syw, Wd, Y_LAYOUT), to_output(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
         if WITH_DG:
             a = tl.load(a_base + _offsets(c, n, sac, san, sah, saw, Wd, A_LAYOUT), mask=mask, other=0.0).to(tl.float32)
             acc += x * a
@@ -230,7 +232,7 @@ def launch_gate(x, gate, y=None, a=None, *, wrap=None, blocks_per_chunk=None):
             C * B if with_dg else 0, C if with_dg else 0,
             BLOCK_C=bc, BLOCK_N=bn,
             X_LAYOUT=xl, Y_LAYOUT=yl, A_LAYOUT=al,
-            WRITE_Y=write_y, WITH_DG=with_dg,
+            WRITE_Y=write_y, WITH_DG=with_dg, RTNE_BF16=write_y and emulate_rtne_bf16(y.dtype),
             num_warps=warps,
         )
     return partial

@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import emulate_rtne_bf16, to_output
+
 __all__ = ["plan", "launch_dropclass_loss"]
 
 
@@ -169,7 +171,7 @@ def _loss_main_kernel(
     scale_h, inv_scale_h, scale_w, inv_scale_w,
     coef, alpha, ignore_index,
     BRANCH: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_G: tl.constexpr,
-    KP: tl.constexpr, BX: tl.constexpr, CBP: tl.constexpr, IDX64: tl.constexpr,
+    KP: tl.constexpr, BX: tl.constexpr, CBP: tl.constexpr, IDX64: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """One (column block, row block, sample) of one branch of the fused loss; see the
     module docstring. BRANCH 0: CE on x = logits (coef = lam); BRANCH 1: CE' on
@@ -298,7 +300,7 @@ def _loss_main_kernel(
                 gr += c_sup * q * (dvec[:, None] - dq[None, :])
         if NEED_G:
             g_off = (_ix(kk, IDX64) * sgk)[:, None] + _ix(jj, IDX64)[None, :] * sgw
-            tl.store((g_ptr + (b * sgb + tl.cast(i, tl.int64) * sgh)) + g_off, gr.to(g_ptr.dtype.element_ty), mask=sm)
+            tl.store((g_ptr + (b * sgb + tl.cast(i, tl.int64) * sgh)) + g_off, to_output(gr, g_ptr.dtype.element_ty, RTNE_BF16), mask=sm)
         top = bot
         y_beg = y_end
 
@@ -449,6 +451,7 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
                 float(coef), float(alpha), int(ignore_index),
                 BRANCH=branch, HAS_WEIGHT=weight is not None, NEED_G=bool(need),
                 KP=P["KP"], BX=P["BX"], CBP=P["CBP"], IDX64=bool(PLAN_OVERRIDE.get("IDX64")) or _needs_int64(x, target, g_),
+                RTNE_BF16=bool(need) and emulate_rtne_bf16(g_.dtype),
                 num_warps=P["num_warps"], **extra,
             )
 

@@ -97,18 +97,15 @@ widened to fp32 first (exact), so CI checks the same math.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting as _interpreting
+
 
 # ----------------------------------------------------------------------------- helpers
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
 
 @functools.lru_cache(maxsize=None)
 def default_fp32_precision() -> str:

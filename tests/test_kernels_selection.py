@@ -637,3 +637,18 @@ def test_cpu_custom_op_fallback_registration():
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "fallback ok" in res.stdout, res.stdout[-2000:] + res.stderr[-4000:]
+
+
+@pytest.mark.kernel
+def test_bf16_output_rounds_like_torch():
+    """out = A·g is one float32 product per element, so a bf16 output must equal
+    PyTorch's round-to-nearest-even cast bit for bit. (Triton 3.9's interpreter
+    truncates fp32 → bf16; kernels/_common.to_output corrects that there. On a
+    GPU the cast itself rounds to nearest even.)"""
+    dev = kernel_device()
+    feats = torch.randn(2, 7, 5, 3, device=dev).to(torch.bfloat16)
+    W = torch.randn(3, 7, device=dev)
+    out = dops.class_drop(feats, W, drop=torch.tensor([0, -1], device=dev))
+    g = ref.channel_gate(ref.weight_importance(W, torch.float32), None, dops.drop_mask(torch.tensor([0, -1]), 2, 3, dev))
+    expect = (feats.float() * g[:, :, None, None]).to(torch.bfloat16)
+    assert torch.equal(out, expect), f"{int((out != expect).sum())} of {out.numel()} elements round differently"
