@@ -21,8 +21,8 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis"],
-        "dev": ["pytest", "pytest-benchmark", "hypothesis", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "tqdm", "matplotlib"],
     },
     license="MIT",
 )

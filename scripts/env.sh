@@ -27,7 +27,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.ready" ]; then
         "$SYS_PY" -m venv "$VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
         "$VENV/bin/python" -m pip install -q "$TORCH_PIN"
-        "$VENV/bin/python" -m pip install -q triton numpy pytest pytest-benchmark hypothesis tqdm matplotlib
+        "$VENV/bin/python" -m pip install -q triton numpy pytest pytest-benchmark pytest-timeout hypothesis tqdm matplotlib
         touch "$VENV/.ready"
     } 1>&2
 fi

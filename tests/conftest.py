@@ -14,6 +14,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "kernel: compares Triton kernels with the reference (GPU or interpreter)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
     config.addinivalue_line("markers", "slow: long-running")
+    # pytest-timeout's marker, registered here too so a run without the plugin does not warn
+    config.addinivalue_line("markers", "timeout(seconds): fail a test that runs longer (pytest-timeout)")
     config.addinivalue_line("markers", "aot: sm_90 compile checks without a GPU (tests/test_aot_sm90.py)")
 
 

@@ -77,6 +77,7 @@ class _Net(torch.nn.Module):
         return self.head(self.backbone(x), y, t, generator=gen)
 
 
+@pytest.mark.timeout(600)  # a hung rendezvous fails instead of eating CI's time (needs pytest-timeout)
 def test_ddp_gloo_two_ranks_identical_parameters(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
