@@ -96,6 +96,13 @@ def _backward(out, grad):
         out.backward(grad)
 
 
+def _assert_out_and_grads(out, exp, feats, f2, weight, w2, grad, suffix=""):
+    """The fused out, dA and dW against the reference's (dW's atol: see _dg_scale)."""
+    assert_close(out, exp, name="out" + suffix)
+    assert_close(feats.grad, f2.grad, name="dA" + suffix)
+    assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW" + suffix)
+
+
 def _dg_scale(feats, grad):
     """max over (b, c) of Σ_n |dOut·A|: the magnitude that bounds the float32
     rounding of dg = Σ_n dOut·A (and of dW, a keep-weighted mean of dg)."""
@@ -190,10 +197,8 @@ def test_class_drop_empty_batch_and_grad_layouts():
     out.backward(grad)
     exp = ref.class_drop(f2, w2, None, drop=0)
     exp.backward(grad)
-    assert_close(out, exp, name="out")
-    assert_close(feats.grad, f2.grad, name="dA")
+    _assert_out_and_grads(out, exp, feats, f2, weight, w2, grad)
     assert feats.grad.is_contiguous(memory_format=torch.channels_last)
-    assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW")  # see _check_class_drop
 
 
 @pytest.mark.kernel
@@ -421,9 +426,7 @@ def test_gpu_compile_fullgraph_fwd_bwd(layout):
     f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
     exp = step(f2, w2, logits)
     exp.backward(grad)
-    assert_close(out, exp, name="out")
-    assert_close(feats.grad, f2.grad, name="dA")
-    assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW")
+    _assert_out_and_grads(out, exp, feats, f2, weight, w2, grad)
 
 
 @pytest.mark.gpu
@@ -466,9 +469,7 @@ def test_gpu_cuda_graph_capture_replay():
     f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
     exp = ref.class_drop(f2, w2, 9, drop=drop) + ref.suppress(f2, logits, 9, drop=drop)
     exp.backward(grad)
-    assert_close(static_out, exp, name="out (replay)")
-    assert_close(feats.grad, f2.grad, name="dA (replay)")
-    assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW (replay)")
+    _assert_out_and_grads(static_out, exp, feats, f2, weight, w2, grad, " (replay)")
 
 
 @pytest.mark.gpu
