@@ -60,10 +60,10 @@ def available() -> str | None:
         return "TRITON_INTERPRET is set (the compiler path is not used)"
     try:
         import triton  # noqa: F401
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
         from triton.runtime.jit import create_function_from_signature  # noqa: F401
-        from triton._C.libtriton import native_specialize_impl  # noqa: F401
     except Exception as err:  # pragma: no cover - other Triton versions
         return f"this Triton lacks the AOT pieces used here ({err})"
     try:

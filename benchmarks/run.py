@@ -24,9 +24,9 @@ from typing import Dict, List, Optional
 import torch
 
 from . import byte_model, cases, goals, timing
+from .schema import SCHEMA
 from .shapes import CPU_SHAPES, DTYPES, GPU_SHAPES, TINY_SHAPES, Shape, dtype_name, sweep_points
 
-from .schema import SCHEMA
 ROOT = Path(__file__).resolve().parent
 
 

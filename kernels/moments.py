@@ -104,7 +104,6 @@ import triton.language as tl
 
 from ._common import interpreting as _interpreting
 
-
 # ----------------------------------------------------------------------------- helpers
 
 @functools.lru_cache(maxsize=None)
@@ -668,7 +667,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     Hl, Wl, l_sh, l_sw, l_merged = _spatial(class_logits)
     if not (a_merged and l_merged):
         # both views must split n the same way: use (H, W) for both
-        H, W = feats.shape[2], feats.shape[3]
+        W = feats.shape[3]
         Wd = W
         a_sh, a_sw, a_merged = feats.stride(2), feats.stride(3), False
         l_sh, l_sw, l_merged = class_logits.stride(2), class_logits.stride(3), False

@@ -7,9 +7,13 @@
 #   pinned first (a bare `torch` would pull a multi-GB CUDA build on a CPU
 #   machine), then the rest, then this package itself (non-editable, so the
 #   tests also prove the packaging).
+# * torch 2.14.1 + torchvision 0.29.1: PyPI's torchvision does not import beside
+#   the torch 2.13.0 CPU build (operator torchvision::nms does not exist); this
+#   pair does (a CUDA build that runs on the CPU, Triton 3.8 with it). The tests
+#   use the real torchvision and segmentation_models_pytorch (issue 13).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH_PIN="${DEBIAS_OPS_TORCH_PIN:-torch==2.13.0}"
+TORCH_PIN="${DEBIAS_OPS_TORCH_PIN:-torch==2.14.1 torchvision==0.29.1}"
 SYS_PY="${PYTHON:-python3}"
 
 if "$SYS_PY" - >/dev/null 2>&1 <<'PY'
@@ -26,8 +30,9 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.ready" ]; then
     {
         "$SYS_PY" -m venv "$VENV"
         "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-        "$VENV/bin/python" -m pip install -q "$TORCH_PIN"
-        "$VENV/bin/python" -m pip install -q triton numpy pytest pytest-benchmark pytest-timeout hypothesis tqdm matplotlib
+        "$VENV/bin/python" -m pip install -q $TORCH_PIN
+        "$VENV/bin/python" -m pip install -q triton numpy pytest pytest-benchmark pytest-timeout hypothesis tqdm matplotlib \
+            ruff segmentation-models-pytorch torchmetrics cityscapesscripts
         touch "$VENV/.ready"
     } 1>&2
 fi

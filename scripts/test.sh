@@ -4,10 +4,13 @@
 #  2. the kernel parity tests under the Triton interpreter (CPU tensors,
 #     DEBIAS_OPS_BACKEND=triton, TRITON_INTERPRET=1), which is how a CPU-only
 #     machine (CI) checks the Triton kernels.
+#  0. (first) `ruff check .` with the repository's ruff.toml.
 # pytest's exit code 5 ("no tests collected") is a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="$1"; shift || true
+# 0. lint: ruff.toml's rules, the whole tree
+"$PY" -m ruff check . || { echo "ruff check failed" >&2; exit 1; }
 "$PY" -m pytest -q -p no:cacheprovider tests "$@"
 rc=$?
 if [ $rc -ne 0 ]; then

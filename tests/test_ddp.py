@@ -39,8 +39,9 @@ def _worker(rank: int, out_dir: str) -> None:
 
 
 def _train(rank: int, importance: str, path: Path) -> None:
-    import debias_ops as dops
     from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import debias_ops as dops
 
     torch.manual_seed(rank)  # different initial parameters: DDP broadcasts rank 0's
     net = _Net(importance)

@@ -123,7 +123,7 @@ def test_suppress_gradient_treats_importance_as_constant():
         feats = _feats(2, 5, 3, 4).requires_grad_()
         logits = _feats(2, 3, 3, 4).requires_grad_()
         g = ref.channel_gate(ref.class_importance(feats, logits), k, dropped)
-        assert torch.autograd.gradcheck(lambda a: ref.apply_gate(a, g), (feats,))
+        assert torch.autograd.gradcheck(lambda a, g=g: ref.apply_gate(a, g), (feats,))
         out = ref.suppress(feats, logits, k, drop=dropped)
         dout = torch.randn_like(out)
         (grad,) = torch.autograd.grad(out, feats, dout, retain_graph=True)
@@ -140,7 +140,7 @@ def test_class_drop_gradcheck():
     W.requires_grad_()
     mask = torch.tensor([[True, False, False, False], [False, False, True, True]])
     for k in (None, 1, 3):
-        assert torch.autograd.gradcheck(lambda a, w: ref.class_drop(a, w, k, drop=mask), (feats, W))
+        assert torch.autograd.gradcheck(lambda a, w, k=k: ref.class_drop(a, w, k, drop=mask), (feats, W))
 
 
 def test_class_drop_weight_grad_formula():
