@@ -55,7 +55,8 @@ status=0
 while IFS=$'\t' read -r name rc secs; do   # the end of each failed stage's log, then the summary
     [ "$rc" = 0 ] && continue
     status=1
-    echo "---- $name: exit $rc (124/137: out of time); last lines of $name.log:"
+    case "$rc" in 124|137) why="stopped at its time limit" ;; *) why="exit $rc" ;; esac
+    echo "---- $name: $why; last lines of $name.log:"
     tail -n 15 "$WORK/$name.log"
 done <"$WORK/stages.tsv"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" . || echo "gpu_check: packing the logs failed" >&2

@@ -100,8 +100,9 @@ def test_summary_from_a_stage_folder(tmp_path):
         '<testcase classname="tests.a" name="test_skip"><skipped message="needs more memory"/></testcase>'
         '</testsuite></testsuites>')
     (work / "sanitizer.log").write_text("tests/test_kernels_gpu.py::test_gpu_compute_sanitizer_memcheck PASSED\n")
-    row = {"kind": "train_step", "status": "ok", "overhead_pct": 1.5, "impl": "dropclass"}
-    (work / "train_step" / "results.json").write_text(json.dumps({"meta": {}, "rows": [row]}))
+    rows = [{"kind": "train_step", "status": "ok", "impl": "baseline", "median_ms": 80.0, "overhead_pct": None},
+            {"kind": "train_step", "status": "ok", "impl": "dropclass", "median_ms": 81.2, "overhead_pct": 1.5}]
+    (work / "train_step" / "results.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     assert gpu_check.summary(work, out) == 0
     text = (out / "summary.md").read_text()
     assert set(p.name for p in out.iterdir()) <= set(gpu_check.FILES)
@@ -109,6 +110,7 @@ def test_summary_from_a_stage_folder(tmp_path):
     assert "1 passed, 1 failed, 1 skipped" in text and "tests.a::test_bad: AssertionError: out differs" in text
     assert re.search(r"sanitizer .*timed out: 1 passed, 0 failed", text)
     assert re.search(r"bench .*failed \(exit 1\): no results.json", text)
+    assert re.search(r"train_step .*ok: baseline 80.0 ms, dropclass 81.2 ms: \+1.5 %", text)
     assert re.search(r"\[\s*met\] DeepLabV3-R50 step: DropClass overhead: 1.5 %", text)
     assert "Test GPU" in text and "driver 1.2" in text
     result = json.loads((out / "results.json").read_text())

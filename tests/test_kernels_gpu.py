@@ -226,7 +226,9 @@ def test_gpu_compute_sanitizer_memcheck():
     tool = find_sanitizer()
     if tool is None:
         pytest.skip("compute-sanitizer not found (PATH, /usr/local/cuda*/bin)")
-    cmd = [tool, "--tool", "memcheck", "--error-exitcode", "86", "--print-limit", "20", sys.executable, "-c", LAUNCHES]
+    # memory errors only: CUDA API calls that fail by design (probes by torch and Triton) are not this test's concern
+    cmd = [tool, "--tool", "memcheck", "--report-api-errors", "no", "--error-exitcode", "86", "--print-limit", "20",
+           sys.executable, "-c", LAUNCHES]
     # no caching allocator: every tensor is its own allocation, so memcheck sees out-of-bounds accesses
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1", PYTHONPATH=str(ROOT))
     try:
