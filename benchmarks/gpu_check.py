@@ -106,10 +106,10 @@ def plan(py: str = "python3", work: str = "/tmp/gpu_check", out: str = "gpu_out"
                                                     "--out", f"{work}/bench_warm"]),
               "beside the tests, the same benchmark (no sweeps): fills the torch.compile and Triton caches on disk "
               "so that the timed run compiles little; its times (GPU shared with the tests) are not reported"),
-        Stage("bench", 2, 190, tuple(bench + ["--budget-s", str(BENCH_BUDGET_S), "--out", f"{work}/bench"]),
+        Stage("bench", 2, 180, tuple(bench + ["--budget-s", str(BENCH_BUDGET_S), "--out", f"{work}/bench"]),
               f"python -m benchmarks: SPEC §8 shapes, fwd+bwd, fused vs eager vs torch.compile, "
               f"N/C/B sweeps, budget {BENCH_BUDGET_S} s"),
-        Stage("train_step", 3, 60, tuple(train),
+        Stage("train_step", 3, 70, tuple(train),
               "python -m benchmarks --ops train_step: DeepLabV3-R50 B8 512x1024 bf16, with/without DropClass"),
         Stage("summary", 4, 20, tuple(m + ["benchmarks.gpu_check", "summary", "--work", work, "--out", out]),
               "SPEC §8 goals (benchmarks/goals.py) + stage results -> summary.md, results.json"),

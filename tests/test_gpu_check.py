@@ -52,6 +52,19 @@ def test_dry_run_prints_the_plan_within_budget(tmp_path):
     assert budget <= bench.limit_s - 45, "the benchmark's budget leaves no margin for its last row and its files"
 
 
+# the checks the GPU stages must select (issue 11): a -k / -m change that drops one fails here
+REQUIRED = {
+    "tests": ("test_class_drop_shapes_dtypes_layouts", "test_suppress_gate_level", "test_class_importance",
+              "test_moments_shapes_dtypes", "test_moments_gpu_full_size", "test_parity_ratios", "test_half_dtypes",
+              "test_gpu_cityscapes_parity", "test_gpu_spec_shape_parity", "test_gpu_compile_fullgraph_fwd_bwd",
+              "test_gpu_compile_and_memory", "test_gpu_cuda_graph_capture_replay",
+              "test_gpu_loss_cuda_graph_capture_replay", "test_gpu_opcheck", "test_gpu_loss_opcheck",
+              "test_gpu_more_than_2_31_elements", "test_moments_gpu_int64_offsets", "test_gpu_peak_memory_w48",
+              "test_gpu_bitwise_deterministic", "test_gpu_matches_cpu_reference"),
+    "sanitizer": ("test_gpu_compute_sanitizer_memcheck",),
+}
+
+
 def _stage_ids():
     return [s.name for s in gpu_check.plan()]
 
@@ -59,7 +72,8 @@ def _stage_ids():
 @pytest.mark.parametrize("name", _stage_ids())
 def test_stage_command_parses(name, tmp_path):
     """Each stage's command exists and accepts its arguments: pytest stages collect
-    (> 0 tests, the same selection as on the GPU), the CLIs parse their argv."""
+    the same selection as on the GPU (> 0 tests, every REQUIRED check; -qq against
+    the stage's -v lists node ids), the CLIs parse their argv."""
     work = tmp_path / "work"
     work.mkdir()
     stage = next(s for s in gpu_check.plan(sys.executable, str(work), str(tmp_path / "out")) if s.name == name)
@@ -70,11 +84,13 @@ def test_stage_command_parses(name, tmp_path):
     assert argv[:2] == [sys.executable, "-m"]
     module, args = argv[2], argv[3:]
     if module == "pytest":
-        res = subprocess.run(argv + ["--collect-only", "-q"], cwd=ROOT, env=_env(tmp_path), capture_output=True,
+        res = subprocess.run(argv + ["--collect-only", "-qq"], cwd=ROOT, env=_env(tmp_path), capture_output=True,
                              text=True, timeout=300)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         m = re.search(r"(\d+)(?:/\d+)? tests? collected", res.stdout)
         assert m and int(m.group(1)) > 0, res.stdout[-2000:]
+        missing = [t for t in REQUIRED[name] if f"::{t}" not in res.stdout]
+        assert not missing, f"stage {name} does not select {missing}"
     elif module == "benchmarks":
         from benchmarks.__main__ import parser
         ns = parser().parse_args(args)
