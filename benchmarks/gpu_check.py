@@ -49,7 +49,7 @@ BENCH_BUDGET_S = 120    # python -m benchmarks --budget-s: no new row after this
 PYTEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed)
 SANITIZER_TIMEOUT_S = 120  # the memcheck subprocess (tests/test_kernels_gpu.py reads this)
 WARM_BUDGET_S = 130     # the untimed warm-up run of the same benchmark, beside the tests
-XDIST_WORKERS = 8
+XDIST_WORKERS = 12
 
 # the GPU parity subset: every kernel and GPU test, less the slow random property
 # tests (their targeted counterparts run), the benchmark/example smoke runs (the
