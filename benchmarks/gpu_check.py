@@ -162,7 +162,11 @@ def _nvidia_smi() -> Optional[Dict[str, str]]:
 
 def preflight(work: Path) -> int:
     """Writes device.json; exit 2 with one clear line when there is no CUDA device."""
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print(f"gpu_check: {sys.executable} has no torch (PYTHON=... names another python)", file=sys.stderr)
+        return 2
     info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "kernel": platform.release(), "nvidia_smi": _nvidia_smi(), "compute_sanitizer": find_sanitizer()}
     try:
