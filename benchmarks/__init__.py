@@ -14,5 +14,6 @@ Modules: ``shapes`` (SPEC §8 shapes, sweeps), ``byte_model`` (minimal bytes
 and flops: the single source of GB/s, % copy BW, TFLOP/s), ``timing``
 (do_bench / CUDA events / wall clock, peak memory), ``cases`` (inputs and
 implementations, the correctness check), ``run`` (the CLI's run),
-``train_step`` (the optional DeepLabV3-ResNet50 step).
+``train_step`` (the optional DeepLabV3-ResNet50 step), ``gpu_check`` (the stage
+plan and summary of ``scripts/gpu_check.sh``, the one-call check on a lent GPU).
 """

@@ -24,3 +24,5 @@ def _seed():
     import torch
     torch.manual_seed(0)
     yield
+    if torch.cuda.is_initialized():  # hand cached blocks back: pytest-xdist workers share one GPU
+        torch.cuda.empty_cache()
