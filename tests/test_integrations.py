@@ -276,6 +276,11 @@ def test_custom_model_dotted_path(classifier):
                               align_corners=False)
         assert_close(model(x), plain, name="plain model through the idle tap")
         assert not torch.allclose(plain, got)
+        # a copy's tap is bound to the copy (deepcopy remaps the hook's bound method)
+        twin = copy.deepcopy(wrapped)
+        twin.selector[0].weight.mul_(2.0)
+        assert_close(wrapped(x), got, name="original after copying")
+        assert_close(twin(x), _by_hand(twin, x, ("decode_head.conv_seg",), "torchvision")[0], name="copy")
 
 
 # ---------------------------------------------------------------------- compile, DDP, channels_last, autocast
