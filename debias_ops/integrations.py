@@ -64,9 +64,10 @@ a generic model. Either train them (``aux_weight``), remove them
 ``BatchNorm2d`` (``norm_layer=nn.SyncBatchNorm`` or
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` for synchronised statistics).
 
-``torch.compile`` traces the known families (``progress``/``p``/``lam`` are
-Python floats: quantise ``t`` to limit recompilations, see
-:func:`debias_ops.progress`). Autocast and channels_last work as for the ops
+``torch.compile`` traces the known families and the generic tap (the hook's
+early stop included) without a graph break (torch 2.14, backend aot_eager,
+tests/test_integrations.py). ``progress``/``p``/``lam`` are Python floats:
+quantise ``t`` to limit recompilations (:func:`debias_ops.progress`). Autocast and channels_last work as for the ops
 (the DropClass ops compute in float32 and keep the memory format).
 """
 from __future__ import annotations
