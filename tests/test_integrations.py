@@ -310,7 +310,7 @@ def test_compile_aot_eager(which):
         eager = dops.dropclass(_MMSegLike(), "decode_head.conv_seg")
     _no_dropout(eager)
     twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin, backend="aot_eager")
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)  # no graph break
     x, y = _batch(h=32, w=32)
     drop = torch.zeros(B, K, dtype=torch.bool)
     drop[0, 1] = drop[1, 3] = True
