@@ -98,6 +98,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.nn.Module:
+    if sync_bn and info.device.type == "cpu":
+        raise ValueError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on CPU")
     if sync_bn and info.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(info.device)

@@ -1,7 +1,7 @@
 """The training recipe (examples/train.py): end to end on a miniature Cityscapes, resume,
 torchrun with 2 gloo ranks, the synthetic data, the clear errors, train_steps / evaluate.
 
-Everything runs on CPU with tiny models and no downloaded weights (smp Unet/resnet18,
+Everything runs on CPU with tiny models and no downloaded weights (smp FPN/resnet18,
 torchvision LR-ASPP, `weights=None`), one thread per process (the machine is shared).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def make_cityscapes(root: Path, counts=(("train", 4), ("val", 2)), bad_id=None) 
 
 
 def cityscapes_args(root, out, *extra):
-    return ["--data", "cityscapes", "--root", str(root), "--model", "Unet", "--encoder", "resnet18",
+    return ["--data", "cityscapes", "--root", str(root), "--model", "FPN", "--encoder", "resnet18",
             "--batch", "2", "--crop", "32", "64", "--base-size", "64", "--scale", "0.75", "1.25",
             "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
 
@@ -144,6 +144,9 @@ def test_synthetic_runs(tmp_path):
     assert log["classes"] == ["background", "road", "rider", "sign", "car"]
     assert [r["step"] for r in log["train"]] == [1, 2, 3] and len(res["iou"]) == 5
     assert log["train"][0]["lr"] == 1e-4 and log["config"]["optimizer"] == "adamw"
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+        T.main(["--data", "synthetic", "--model", "lraspp_mobilenet_v3_large", "--n-train", "8", "--n-val", "4",
+                "--steps", "1", "--device", "cpu", "--sync-bn", "--out", str(tmp_path / "x")])
 
 
 @pytest.mark.timeout(300)
@@ -151,8 +154,8 @@ def test_torchrun_two_ranks(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "examples.train", "--data", "synthetic", "--model", "Unet", "--encoder", "resnet18",
-           "--dropclass", "--sync-bn", "--n-train", "16", "--n-val", "6", "--steps", "3", "--batch", "2",
+           "-m", "examples.train", "--data", "synthetic", "--model", "lraspp_mobilenet_v3_large",
+           "--dropclass", "--n-train", "16", "--n-val", "6", "--steps", "3", "--batch", "2",
            "--log-every", "1", "--ckpt-every", "3", "--workers", "0", "--device", "cpu", "--no-progress",
            "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
