@@ -10,12 +10,14 @@ Public API (SPEC §5)::
     drop = sample_drop(batch, num_classes, p, *, generator=None, device=None, per_sample=True)
     head = DropClassHead(in_channels, num_classes, importance="weight", k=None, alpha=10.0)  # SPEC §6
     t    = progress(epoch, epochs)                                # training progress for the head
+    model = dropclass(model, importance="weight", alpha=10.0)     # wrap a torchvision/smp model
 
 CUDA tensors run the Triton kernels, anything else the reference; the
 environment variable DEBIAS_OPS_BACKEND (auto | triton | reference) overrides.
 Importing needs torch only (triton is imported when a kernel first runs).
 """
 from .api import class_drop, class_importance, dropclass_loss, suppress
+from .integrations import DropClassModel, dropclass, is_dropclass, segmentation_logits
 from .modules import DropClassHead, DropClassOutput, progress
 from .reference import DropClassLoss
 from .sampling import drop_mask, sample_drop
@@ -34,6 +36,10 @@ __all__ = [
     "DropClassHead",
     "DropClassOutput",
     "progress",
+    "dropclass",
+    "DropClassModel",
+    "is_dropclass",
+    "segmentation_logits",
     "set_value_checks",
     "value_checks",
     "value_checks_enabled",

@@ -61,7 +61,7 @@ from . import api as _api
 from . import validation as _v
 from .sampling import drop_mask, sample_drop
 
-__all__ = ["DropClassHead", "DropClassOutput", "progress"]
+__all__ = ["DropClassBranches", "DropClassHead", "DropClassOutput", "progress"]
 
 
 class DropClassOutput(NamedTuple):
@@ -102,24 +102,17 @@ def progress(step, total, *, steps: Optional[int] = None) -> float:
     return t
 
 
-class DropClassHead(nn.Module):
-    """The DropClass head (SPEC §6). See the module docstring for the math.
+class DropClassBranches(nn.Module):
+    """The DropClass logic around a classifier (SPEC §6), shared by
+    :class:`DropClassHead` and ``debias_ops.integrations.DropClassModel``.
 
-    Args:
-        in_channels: C, channels of the backbone's last feature map.
-        num_classes: K ≥ 2.
-        importance: ``"weight"`` (the paper: max(0, classifier.weight)) or
-            ``"logits"`` (head-agnostic probe fitted on the batch, SPEC §2).
-        k: top-k channels per class (None: all).
-        alpha: weight of the suppression term.
-        per_sample: each sample draws its own dropped class (True) or one class
-            for the whole batch, the paper's scheme (False).
-        weight: optional (K,) class weights of the cross-entropy (stored as the
-            buffer ``ce_weight``).
-        ignore_index: label ignored by the loss (default 255).
-        norm_layer: the selector's normalisation (default ``nn.BatchNorm2d``).
-        weight_grad: let the gradient of ``class_drop`` reach ``classifier.weight``
-            (default True, SPEC §3).
+    Holds the configuration, the feature selector and both paths (eval:
+    :meth:`predict`; train: :meth:`forward` with a target). The classifier is
+    reached only through :meth:`classify` (x -> logits) and
+    :meth:`class_weight` (its (K, C[, 1, 1]) weight, for ``importance="weight"``):
+    :class:`DropClassHead` owns a new 1×1 conv, the integration points them at
+    a model's own classifier. Arguments as :class:`DropClassHead`; ``classifier``
+    (optional) is registered as the submodule ``classifier``.
     """
 
     def __init__(
@@ -135,6 +128,7 @@ class DropClassHead(nn.Module):
         ignore_index: int = 255,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
         weight_grad: bool = True,
+        classifier: Optional[nn.Module] = None,
     ) -> None:
         super().__init__()
         in_channels = _v.check_int(in_channels, "in_channels", 1)
@@ -157,7 +151,8 @@ class DropClassHead(nn.Module):
                 raise ValueError(f"weight must have shape (K,) = ({num_classes},), got {tuple(weight.shape)}")
             weight = weight.detach().float().clone()
         self.register_buffer("ce_weight", weight)  # None unless given
-        self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=True)
+        if classifier is not None:
+            self.classifier = classifier
         self.selector = nn.Sequential(
             nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=False),
             norm_layer(in_channels),
@@ -168,6 +163,15 @@ class DropClassHead(nn.Module):
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, importance={self.importance!r}, "
                 f"k={self.k}, alpha={self.alpha}, per_sample={self.per_sample}")
 
+    # ------------------------------------------------------------------ the classifier
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier: (B, C, h, w) -> (B, K, h, w) logits."""
+        raise NotImplementedError
+
+    def class_weight(self) -> torch.Tensor:
+        """The classifier's (K, C) or (K, C, 1, 1) weight, for ``importance="weight"``."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ pieces
     def suppression(self, feats: torch.Tensor, drop=None, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The head's suppression of ``feats`` (SPEC §3) with its importance source.
@@ -175,17 +179,17 @@ class DropClassHead(nn.Module):
         ``logits``: ``classifier(feats)`` if already computed (importance="logits").
         """
         if self.importance == "weight":
-            w = self.classifier.weight
+            w = self.class_weight()
             if not self.weight_grad:
                 w = w.detach()
             return _api.class_drop(feats, w, self.k, drop=drop)
         if logits is None:
-            logits = self.classifier(feats)
+            logits = self.classify(feats)
         return _api.suppress(feats, logits, self.k, drop=drop)
 
     def predict(self, feats: torch.Tensor) -> torch.Tensor:
         """Inference logits (B, K, h, w): classifier(selector(suppression(feats))), every class kept."""
-        return self.classifier(self.selector(self.suppression(feats, None)))
+        return self.classify(self.selector(self.suppression(feats, None)))
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -230,9 +234,56 @@ class DropClassHead(nn.Module):
             _v.check_drop(drop, B, K, feats.device)
             dropped = drop_mask(drop, B, K, feats.device)
 
-        logits = self.classifier(feats)
+        logits = self.classify(feats)
         suppressed = self.suppression(feats, dropped, logits=logits)
-        logits_drop = self.classifier(self.selector(suppressed))
+        logits_drop = self.classify(self.selector(suppressed))
         res = _api.dropclass_loss(logits, logits_drop, target, dropped, lam=float(lam), alpha=self.alpha,
                                   weight=self.ce_weight, ignore_index=self.ignore_index)
         return DropClassOutput(res.loss, res.ce, res.ce_drop, res.sup, logits, logits_drop, dropped)
+
+
+class DropClassHead(DropClassBranches):
+    """The DropClass head (SPEC §6) with its own 1×1 classifier. See the module docstring for the math.
+
+    Args:
+        in_channels: C, channels of the backbone's last feature map.
+        num_classes: K ≥ 2.
+        importance: ``"weight"`` (the paper: max(0, classifier.weight)) or
+            ``"logits"`` (head-agnostic probe fitted on the batch, SPEC §2).
+        k: top-k channels per class (None: all).
+        alpha: weight of the suppression term.
+        per_sample: each sample draws its own dropped class (True) or one class
+            for the whole batch, the paper's scheme (False).
+        weight: optional (K,) class weights of the cross-entropy (stored as the
+            buffer ``ce_weight``).
+        ignore_index: label ignored by the loss (default 255).
+        norm_layer: the selector's normalisation (default ``nn.BatchNorm2d``).
+        weight_grad: let the gradient of ``class_drop`` reach ``classifier.weight``
+            (default True, SPEC §3).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        importance: str = "weight",
+        k: Optional[int] = None,
+        alpha: float = 10.0,
+        per_sample: bool = True,
+        *,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = 255,
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        weight_grad: bool = True,
+    ) -> None:
+        in_channels = _v.check_int(in_channels, "in_channels", 1)
+        num_classes = _v.check_int(num_classes, "num_classes", 2)
+        super().__init__(in_channels, num_classes, importance, k, alpha, per_sample, weight=weight,
+                         ignore_index=ignore_index, norm_layer=norm_layer, weight_grad=weight_grad,
+                         classifier=nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=True))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x)
+
+    def class_weight(self) -> torch.Tensor:
+        return self.classifier.weight
