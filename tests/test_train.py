@@ -111,6 +111,8 @@ def test_cityscapes_end_to_end_then_resume(tmp_path):
     assert [r["step"] for r in log["train"]] == [1, 2, 3, 4]
     assert [r["p"] for r in log["train"]] == [0.0, 0.25, 0.5, 0.75]  # the paper's schedule: p = t = step / steps
     assert all(r["lam"] == 1 - r["p"] for r in log["train"])
+    sup = [r["sup"] for r in log["train"]]
+    assert sup[0] == 0.0 and max(sup) > 0.0  # nothing dropped at t = 0, then the suppression term is trained
     lrs = [r["lr"] for r in log["train"]]
     assert lrs[0] == 0.01 and all(a > b for a, b in zip(lrs, lrs[1:]))  # poly decay
     assert [e["step"] for e in log["eval"]] == [2, 4] and len(log["eval"][-1]["iou"]) == 19
