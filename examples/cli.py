@@ -6,7 +6,8 @@ runs under torchrun when launched by it, evaluates, checkpoints, logs and plots.
 
 Writes to --out: checkpoint.pt (model, optimizer, scheduler, step, RNG of every rank),
 log.json (config, classes, one row per step, every evaluation), train_log.csv, eval.csv,
-curves.png, iou.png. Only rank 0 writes.
+curves.png, iou.png. Only rank 0 writes; the logged training losses are rank 0's
+(its own batch), the evaluation covers the whole val split (sharded, counts summed).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from examples.train import evaluate, mean_iou, paper_schedule, train_steps, unwr
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
 DEFAULT_WD = {"sgd": 1e-4, "adamw": 1e-2}
 AUX_WEIGHT = 0.5  # torchvision's segmentation reference
+# settings a resumed run must share with its checkpoint
+RESUME_SAME = ("data", "model", "encoder", "aux_loss", "dropclass", "importance", "k", "optimizer")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -136,7 +139,7 @@ def _run(args, info: R.DistInfo) -> Dict:
     if args.resume:
         path = ckpt_path if args.resume == "auto" else Path(args.resume)
         start = R.load_checkpoint(path, info, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                                  generator=generator)["step"]
+                                  generator=generator, same={k: getattr(args, k) for k in RESUME_SAME})["step"]
         log.resume(start)
         say(f"resumed from {path} at step {start}")
     else:

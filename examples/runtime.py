@@ -163,12 +163,20 @@ def save_checkpoint(path: Path, info: DistInfo, *, model, optimizer, scheduler, 
 
 
 def load_checkpoint(path: Path, info: DistInfo, *, model, optimizer, scheduler,
-                    generator: Optional[torch.Generator] = None) -> Dict:
-    """Restore what save_checkpoint wrote; this rank's RNG state when the world size is unchanged."""
+                    generator: Optional[torch.Generator] = None, same: Optional[Dict] = None) -> Dict:
+    """Restore what save_checkpoint wrote; this rank's RNG state when the world size is unchanged.
+
+    same: settings that must equal the checkpoint's ``config`` (else a ValueError naming them).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from at {str(path)!r}")
     # Our own file, holding Python/NumPy RNG states besides tensors: not a weights-only pickle.
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    old = ckpt.get("config", {})
+    differ = {k: (old.get(k), v) for k, v in (same or {}).items() if k in old and old[k] != v}
+    if differ:
+        raise ValueError(f"cannot resume {str(path)!r}: it was trained with other settings (checkpoint, now): "
+                         + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:

@@ -130,6 +130,9 @@ def test_cityscapes_end_to_end_then_resume(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 6
     assert res["step"] == 6
 
+    with pytest.raises(ValueError, match="other settings.*dropclass True vs False"):
+        T.main(cityscapes_args(root, out, "--steps", "8", "--log-every", "2", "--ckpt-every", "2", "--resume"))
+
     # baseline vs DropClass: a second run and the comparison plots
     base = tmp_path / "base"
     T.main(cityscapes_args(root, base, "--steps", "2", "--log-every", "2", "--ckpt-every", "2"))
