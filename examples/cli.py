@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--val-size", type=int, default=None, help="resize the val shorter side (default: as stored)")
     g.add_argument("--n-train", type=int, default=None, help="synthetic: training images")
     g.add_argument("--n-val", type=int, default=None, help="synthetic: val images")
+    g.add_argument("--val-mode", choices=("ordinary", "conflicting"), default="ordinary",
+                   help="synthetic: the val split's placement (conflicting: the bias reversed)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
     g = ap.add_argument_group("model")
     g.add_argument("--model", choices=R.TORCHVISION_MODELS + R.SMP_MODELS, default="deeplabv3_resnet50")
@@ -95,7 +97,7 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
 
 def datasets(args):
     if args.data == "synthetic":
-        return D.synthetic_datasets(args.n_train, args.n_val, args.seed)
+        return D.synthetic_datasets(args.n_train, args.n_val, args.seed, args.val_mode)
     train = D.CityscapesSegmentation(args.root, "train", D.train_transforms(args.crop, args.base_size, args.scale))
     val = D.CityscapesSegmentation(args.root, "val", D.eval_transforms(args.val_size))
     return train, val, D.cityscapes_classes()

@@ -169,7 +169,8 @@ def synthetic_datasets(n_train: Optional[int] = None, n_val: Optional[int] = Non
     if n_val is not None:
         cfg = replace(cfg, n_test=n_val)
     train = TensorSegmentation(*sb.make_split(cfg.n_train, 1000 * seed + 1, cfg, "train"), flip=True)
-    val = TensorSegmentation(*sb.make_split(cfg.n_test, 1000 * seed + 2, cfg, val_mode))
+    offset = {"ordinary": 2, "conflicting": 3}[val_mode]  # the data seeds of the synthetic benchmark
+    val = TensorSegmentation(*sb.make_split(cfg.n_test, 1000 * seed + offset, cfg, val_mode))
     return train, val, list(sb.CLASSES)
 
 

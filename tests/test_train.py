@@ -144,6 +144,7 @@ def test_synthetic_runs(tmp_path):
     out = tmp_path / "syn"
     res = T.main(["--data", "synthetic", "--model", "lraspp_mobilenet_v3_large", "--n-train", "16", "--n-val", "8",
                   "--steps", "3", "--batch", "4", "--log-every", "1", "--ckpt-every", "3", "--optimizer", "adamw",
+                  "--val-mode", "conflicting",
                   "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
     log = _log(out)
     assert log["classes"] == ["background", "road", "rider", "sign", "car"]
