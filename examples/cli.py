@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from CKPT (default <out>/checkpoint.pt)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="run at most N steps now, then evaluate and checkpoint (resume later; e.g. a job time limit)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return ap
 
@@ -88,6 +90,8 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     for name in ("steps", "batch", "log_every", "ckpt_every", "eval_batch"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.stop_after is not None and args.stop_after < 1:
+        ap.error("--stop-after must be >= 1")
     if args.eval_every < 0:
         ap.error("--eval-every must be >= 0")
     if args.ckpt_every % args.log_every:
@@ -149,6 +153,7 @@ def _run(args, info: R.DistInfo) -> Dict:
     if start >= args.steps:
         say(f"nothing to do: the checkpoint is at step {start} >= --steps {args.steps}")
         return {"step": start, "out": str(out)}
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
 
     cuda = info.device.type == "cuda"
     loader = D.train_loader(train_ds, args.batch, rank=info.rank, world=info.world, seed=args.seed,
@@ -156,21 +161,21 @@ def _run(args, info: R.DistInfo) -> Dict:
     val_loader = D.eval_loader(val_ds, args.eval_batch, rank=info.rank, world=info.world, workers=args.workers,
                                pin_memory=cuda)
     say(f"{args.model}{' + DropClass' if args.dropclass else ''} on {args.data}: {len(train_ds)} train / "
-        f"{len(val_ds)} val images, {K} classes, {info.world} rank(s) on {info.device}, steps {start}->{args.steps}")
+        f"{len(val_ds)} val images, {K} classes, {info.world} rank(s) on {info.device}, steps {start}->{end} of {args.steps}")
     state = {"iou": None}
 
     def on_step(step: int) -> None:
-        if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
+        if (args.eval_every and step % args.eval_every == 0) or step == end:
             iou = evaluate(model, val_loader, K, info.device, amp=args.amp, distributed=info.world > 1)
             state["iou"] = iou
             log.evaluation(step, iou, mean_iou(iou))
             say(f"\nstep {step}: val mIoU {100 * mean_iou(iou):.2f}")
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == end:
             log.save()
             R.save_checkpoint(ckpt_path, info, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
                               step=step, generator=generator, extra={"config": log.data["config"]})
 
-    train_steps(model, D.batch_stream(loader, start), steps=args.steps - start, optimizer=optimizer,
+    train_steps(model, D.batch_stream(loader, start), steps=end - start, optimizer=optimizer,
                 scheduler=scheduler, device=info.device, amp=args.amp, dropclass_schedule=paper_schedule,
                 start_step=start, total_steps=args.steps, on_step=on_step,
                 progress_bar=info.main and not args.no_progress, log_every=args.log_every,
@@ -183,7 +188,7 @@ def _run(args, info: R.DistInfo) -> Dict:
         say("per-class IoU (%): " + ", ".join(f"{c} {100 * v:.1f}" for c, v in zip(classes, iou)))
         say(f"mIoU {100 * mean_iou(iou):.2f}; wrote {out}/(checkpoint.pt, log.json, train_log.csv, eval.csv, "
             "curves.png, iou.png)")
-    return {"step": args.steps, "out": str(out), "iou": iou.tolist(), "miou": mean_iou(iou)}
+    return {"step": end, "out": str(out), "iou": iou.tolist(), "miou": mean_iou(iou)}
 
 
 def main(argv=None):

@@ -130,6 +130,16 @@ def test_cityscapes_end_to_end_then_resume(tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 6
     assert res["step"] == 6
 
+    # an interrupted run (2 steps, then resumed) is the uninterrupted run, step for step:
+    # model, optimizer, scheduler, data order, augmentation and drop RNG all restored
+    split = tmp_path / "split"
+    common = ("--dropclass", "--steps", "4", "--log-every", "2", "--ckpt-every", "2", "--eval-every", "2")
+    T.main(cityscapes_args(root, split, *common, "--stop-after", "2"))
+    assert torch.load(split / "checkpoint.pt", weights_only=False)["step"] == 2 and len(_log(split)["train"]) == 2
+    T.main(cityscapes_args(root, split, *common, "--resume"))
+    assert _log(split)["train"] == log["train"][:4]
+    assert _log(split)["eval"] == log["eval"][:2]
+
     with pytest.raises(ValueError, match="other settings.*dropclass True vs False"):
         T.main(cityscapes_args(root, out, "--steps", "8", "--log-every", "2", "--ckpt-every", "2", "--resume"))
 
