@@ -6,7 +6,8 @@ runs under torchrun when launched by it, evaluates, checkpoints, logs and plots.
 
 Writes to --out: checkpoint.pt (model, optimizer, scheduler, step, RNG of every rank),
 log.json (config, classes, one row per step, every evaluation), train_log.csv, eval.csv,
-curves.png, iou.png. Only rank 0 writes; the logged training losses are rank 0's
+curves.png, iou.png. Only rank 0 writes (several nodes: --out on a shared file system, which
+every rank reads on --resume); the logged training losses are rank 0's
 (its own batch), the evaluation covers the whole val split (sharded, counts summed).
 """
 from __future__ import annotations

@@ -96,7 +96,8 @@ def train_steps(
     """Run ``steps`` optimiser steps (global steps start_step+1 .. start_step+steps); one log row per step.
 
     model: a DropClass model (``dops.is_dropclass``), a plain segmentation model, or either in DDP.
-    batches: iterator of (images (B,3,H,W) float, target (B,H,W) int64, 255 = ignore).
+    batches: iterator (or iterable) of (images (B,3,H,W) float, target (B,H,W) int64, 255 = ignore),
+        at least ``steps`` of them.
     total_steps: length of the whole run (default start_step + steps): t = step / total_steps,
         also what a poly ``scheduler`` was built for.
     on_step(step): called after every step (step = steps done so far, globally), e.g. to checkpoint
@@ -118,7 +119,7 @@ def train_steps(
     total = end if total_steps is None else int(total_steps)
     if total < end or total < 1:
         raise ValueError(f"total_steps={total_steps} is less than start_step + steps = {end}")
-    dropclass = dops.is_dropclass(unwrap(model))
+    dropclass = dops.is_dropclass(model)  # also inside DDP
     use_amp = bool(amp) and device.type == "cuda"
     rows: List[Dict] = []
     pending: List[Tuple[int, float, float, float, float, torch.Tensor]] = []
@@ -143,9 +144,14 @@ def train_steps(
     bar = tqdm(total=total, initial=start_step, desc=desc, disable=not progress_bar, dynamic_ncols=True,
                mininterval=1.0)
     model.train()
+    batches = iter(batches)
     with dops.value_checks(value_checks):
         for step in range(start_step, end):
-            images, target = next(batches)
+            try:
+                images, target = next(batches)
+            except StopIteration:
+                raise ValueError(f"batches ran out after {step - start_step} of {steps} steps: pass an endless "
+                                 "iterator (examples.data.batch_stream) or enough batches") from None
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             t = dops.progress(step, total)

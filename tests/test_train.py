@@ -258,5 +258,7 @@ def test_train_steps_rows_and_log_interval():
     assert rows[0]["t"] == 3 / 12 and rows[0]["p"] == 0.2 and rows[0]["lam"] == pytest.approx(0.8)
     assert rows[-1]["loss"] < rows[0]["loss"]  # memorising one batch
     assert all(r["ce"] == r["loss"] and r["sup"] == 0.0 for r in rows)  # the baseline: plain CE
+    with pytest.raises(ValueError, match="batches ran out after 2 of 3 steps"):
+        T.train_steps(model, [(x, y)] * 2, steps=3, optimizer=opt, device="cpu", progress_bar=False)
     with pytest.raises(ValueError, match="total_steps"):
         T.train_steps(model, iter([]), steps=5, optimizer=opt, device="cpu", start_step=2, total_steps=4)
