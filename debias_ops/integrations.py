@@ -95,11 +95,7 @@ _LOOKED_FOR = (
 
 
 class _Stop(Exception):
-    """Raised by the generic tap to end the model's forward right after the classifier's input."""
-
-    def __init__(self, feats: torch.Tensor):
-        super().__init__()
-        self.feats = feats
+    """Raised by the generic tap to end the model's forward at the classifier; ``args[0]`` = its input."""
 
 
 # ---------------------------------------------------------------------- discovery
@@ -313,7 +309,7 @@ class DropClassModel(DropClassBranches):
         try:
             m(images)
         except _Stop as stop:
-            return stop.feats, None
+            return stop.args[0], None
         finally:
             self._tap_mode = None
         raise RuntimeError(f"dropclass: the classifier {self.classifier_paths[0]} did not run in "
@@ -323,7 +319,11 @@ class DropClassModel(DropClassBranches):
         if self._tap_mode == "capture":
             raise _Stop(inputs[0])
         if self._tap_mode == "predict":
-            return self.predict(inputs[0])
+            self._tap_mode = None  # predict() calls the conv again: pass through then
+            try:
+                return self.predict(inputs[0])
+            finally:
+                self._tap_mode = "predict"
         return None
 
     def _infer(self, images: torch.Tensor):

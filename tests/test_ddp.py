@@ -22,20 +22,30 @@ STEPS = 4
 IMPORTANCES = ("weight", "logits")
 
 
-def _worker(rank: int, out_dir: str) -> None:
+def run_gloo(fn, out_dir) -> None:
+    """Run ``fn(rank, out_dir)`` in WORLD spawned processes joined in a gloo process group
+    (``fn`` must be a module-level function, for pickling). Also used by tests/test_integrations.py."""
+    mp.spawn(_gloo_worker, args=(fn, str(out_dir)), nprocs=WORLD, join=True)
+
+
+def _gloo_worker(rank: int, fn, out_dir: str) -> None:
     # Rendezvous through a file in the test's tmp dir (no port to pick and race for);
     # gloo itself connects the ranks over loopback.
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
     try:
-        for importance in IMPORTANCES:
-            _train(rank, importance, Path(out_dir) / f"{importance}_rank{rank}.pt")
+        fn(rank, out_dir)
         # Every rank finishes its collectives (and frees its DDP reducer) before teardown.
         gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _train_all(rank: int, out_dir: str) -> None:
+    for importance in IMPORTANCES:
+        _train(rank, importance, Path(out_dir) / f"{importance}_rank{rank}.pt")
 
 
 def _train(rank: int, importance: str, path: Path) -> None:
@@ -82,13 +92,14 @@ class _Net(torch.nn.Module):
 def test_ddp_gloo_two_ranks_identical_parameters(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    run_gloo(_train_all, tmp_path)
     for importance in IMPORTANCES:
-        _check(torch.load(tmp_path / f"{importance}_rank0.pt"), torch.load(tmp_path / f"{importance}_rank1.pt"),
-               importance)
+        check_ranks_agree(torch.load(tmp_path / f"{importance}_rank0.pt"),
+                          torch.load(tmp_path / f"{importance}_rank1.pt"), importance)
 
 
-def _check(r0, r1, importance):
+def check_ranks_agree(r0, r1, importance):
+    """Both ranks dropped (different classes) and ended with bit-identical, moved parameters."""
     assert not torch.equal(r0["drops"], r1["drops"]), "ranks were meant to drop different classes"
     assert r0["drops"].any()
     moved = False
