@@ -8,7 +8,7 @@
 
 This module holds the project's one training loop: :func:`train_steps` and
 :func:`evaluate` (the synthetic debiasing benchmark calls them too); the CLI
-(:func:`main`, in examples/cli.py) is a thin layer on them.
+(:func:`main`, in examples/train_cli.py) is a thin layer on them.
 
 * ``train_steps`` runs SGD steps on a DropClass model (``dops.dropclass``:
   ``model(x, y, progress=t, p=p, lam=lam)`` returns the loss) or a plain model
@@ -217,11 +217,11 @@ def mean_iou(iou: np.ndarray) -> float:
 
 
 def main(argv=None):
-    """``python -m examples.train ...``: the CLI (examples/cli.py)."""
-    from examples.cli import main as cli_main
+    """``python -m examples.train ...``: the CLI (examples/train_cli.py)."""
+    from examples.train_cli import main as cli_main
     return cli_main(argv)
 
 
 if __name__ == "__main__":
-    from examples.cli import entry
+    from examples.train_cli import entry
     entry()

@@ -198,7 +198,7 @@ def test_missing_folder_says_which_and_the_layout(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"nowhere.* is not a folder; expected the layout"):
         T.main(cityscapes_args(tmp_path / "nowhere", tmp_path / "run", "--steps", "1"))
     # the command line ends with that one line, no traceback
-    from examples.cli import entry
+    from examples.train_cli import entry
     monkeypatch.setattr(sys, "argv", ["examples.train", *cityscapes_args(root, tmp_path / "run", "--steps", "1")])
     with pytest.raises(SystemExit) as exc:
         entry()

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import debias_ops as dops
 from examples import data as D
-from examples import runtime as R
+from examples import train_runtime as R
 from examples.train import evaluate, mean_iou, paper_schedule, train_steps, unwrap
 
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
