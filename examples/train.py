@@ -114,10 +114,12 @@ def train_steps(
         raise ValueError(f"steps must be a non-negative int, got {steps!r}")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    if steps == 0:
+        return []
     device = torch.device(device)
     end = start_step + steps
     total = end if total_steps is None else int(total_steps)
-    if total < end or total < 1:
+    if total < end:
         raise ValueError(f"total_steps={total_steps} is less than start_step + steps = {end}")
     dropclass = dops.is_dropclass(model)  # also inside DDP
     use_amp = bool(amp) and device.type == "cuda"
@@ -133,8 +135,9 @@ def train_steps(
             row = {"step": step, "t": t, "p": p, "lam": lam, "lr": lr, **dict(zip(LOSS_KEYS, vals))}
             new.append(row)
         pending.clear()
-        if not np.isfinite(new[-1]["loss"]):
-            raise FloatingPointError(f"the loss is {new[-1]['loss']} at step {new[-1]['step']}")
+        bad = [r for r in new if not np.isfinite(r["loss"])]
+        if bad:
+            raise FloatingPointError(f"the loss is {bad[0]['loss']} at step {bad[0]['step']}")
         rows.extend(new)
         bar.set_postfix(loss=f"{new[-1]['loss']:.4f}", refresh=False)
         if on_log is not None:
