@@ -1,0 +1,124 @@
+"""PNGs of a run's training curves and per-class IoU; several runs (baseline vs DropClass) side by side.
+
+    python -m examples.train plot --runs runs/base runs/dc [--out runs/compare]
+
+Reads each run's log.json (written by the recipe); writes curves.png and iou.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+def load_run(run_dir) -> Dict:
+    path = Path(run_dir) / "log.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no log.json in {str(run_dir)!r}: pass a folder written by python -m examples.train")
+    return json.loads(path.read_text())
+
+
+def run_label(log: Dict, run_dir) -> str:
+    cfg = log.get("config", {})
+    kind = "DropClass" if cfg.get("dropclass") else "baseline"
+    return f"{kind} ({Path(run_dir).name})"
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _smooth(y: np.ndarray, n: int) -> np.ndarray:
+    if n <= 1 or len(y) < n:
+        return y
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    head = c[1:n] / np.arange(1, n)
+    return np.concatenate([head, (c[n:] - c[:-n]) / n])
+
+
+def plot_curves(logs: Sequence[Dict], labels: Sequence[str], path: Path) -> None:
+    """Loss, CE, suppression term, learning rate and mIoU against the step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for log, label in zip(logs, labels):
+        rows = log["train"]
+        if rows:
+            step = np.array([r["step"] for r in rows])
+            n = max(1, len(rows) // 50)
+            for ax, key in zip(axes[:2], ("loss", "sup")):
+                ax.plot(step, _smooth(np.array([r[key] for r in rows], dtype=float), n), label=label)
+            axes[2].plot(step, [r["lr"] for r in rows], label=label)
+        ev = log["eval"]
+        if ev:
+            axes[3].plot([e["step"] for e in ev], [100 * e["miou"] for e in ev], "o-", label=label)
+    for ax, title in zip(axes, ("training loss (smoothed)", "suppression term", "learning rate", "val mIoU (%)")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_iou(logs: Sequence[Dict], labels: Sequence[str], path: Path) -> None:
+    """Per-class IoU of each run's last evaluation, grouped bars (mIoU in the legend)."""
+    plt = _pyplot()
+    classes = logs[0]["classes"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(classes) * max(1, len(logs))), 3.8))
+    x = np.arange(len(classes))
+    width = 0.8 / len(logs)
+    for i, (log, label) in enumerate(zip(logs, labels)):
+        if not log["eval"]:
+            continue
+        last = log["eval"][-1]
+        iou = np.array([np.nan if v is None else v for v in last["iou"]], dtype=float)
+        ax.bar(x - 0.4 + width * (i + 0.5), 100 * np.nan_to_num(iou), width,
+               label=f"{label}: mIoU {100 * last['miou']:.1f} (step {last['step']})")
+    ax.set_xticks(x)
+    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("IoU (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_runs(run_dirs: Sequence, out, labels: Optional[List[str]] = None) -> List[Path]:
+    """curves.png and iou.png for one run or a comparison of several (same classes)."""
+    logs = [load_run(d) for d in run_dirs]
+    classes = logs[0]["classes"]
+    for d, log in zip(run_dirs, logs):
+        if log["classes"] != classes:
+            raise ValueError(f"{str(d)!r} has other classes than {str(run_dirs[0])!r}: cannot compare them")
+    labels = list(labels) if labels else [run_label(log, d) for log, d in zip(logs, run_dirs)]
+    if len(labels) != len(logs):
+        raise ValueError(f"{len(labels)} labels for {len(logs)} runs")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "curves.png", out / "iou.png"]
+    plot_curves(logs, labels, paths[0])
+    plot_iou(logs, labels, paths[1])
+    return paths
+
+
+def main(argv=None) -> List[Path]:
+    ap = argparse.ArgumentParser(prog="python -m examples.train plot",
+                                 description="Plot training curves and per-class IoU of one or more runs.")
+    ap.add_argument("--runs", nargs="+", required=True, help="run folders (each with a log.json)")
+    ap.add_argument("--out", default=None, help="output folder (default: the first run's folder for one run, "
+                                                "else <first run>/compare)")
+    ap.add_argument("--labels", nargs="+", default=None, help="legend labels, one per run")
+    args = ap.parse_args(argv)
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else str(Path(args.runs[0]) / "compare"))
+    paths = plot_runs(args.runs, out, args.labels)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return paths
