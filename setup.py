@@ -21,7 +21,10 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis"],
+        "train": ["torchvision", "segmentation-models-pytorch", "torchmetrics", "cityscapesscripts", "tqdm",
+                  "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff", "torchvision",
+                 "segmentation-models-pytorch", "torchmetrics", "cityscapesscripts", "tqdm", "matplotlib"],
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "tqdm", "matplotlib"],
     },
     license="MIT",
