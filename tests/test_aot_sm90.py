@@ -31,11 +31,9 @@ pytestmark = pytest.mark.aot
 
 SMEM_LIMIT = 227 * 1024
 
-# Bytes of spill stores accepted in the loss main kernel at maxnreg 128, per BRANCH
-# (documented in kernels/loss.py:plan; measured with Triton 3.9's ptxas flags:
-# 20 / 52 in the worst SPEC §8 config). Every other kernel must not spill.
-LOSS_MAIN_ACCEPTED_SPILL = {0: 20, 1: 52}
-
+# Triton versions differ in what they do with one configuration (registers, spills,
+# wgmma serialisation); the launchers pick per version where they must
+# (kernels/_common.py:_SM90_CONFIG). No kernel may spill on any version checked.
 SUBSET = [
     # gate: bf16 / fp32 × NCHW / channels_last × apply / dA / dA+dg at W48, fp16 dA+dg,
     # a stride-0 dOut, and W18s channels_last (C = 270: BLOCK_C 32)
@@ -44,8 +42,8 @@ SUBSET = [
     "gate-bwd-dg-W48-fp16-nchw", "gate-bwd-dg-W48-bf16-expanded", "gate-apply-W18s-bf16-cl",
     # moments: every dtype mode × layout at W48 (BLOCK_C 128, 8 warps); W18s (BLOCK_C 64, 4 warps)
     *[f"moments-W48-{d}-{lay}" for d in ("fp32", "bf16", "mixed") for lay in ("nchw", "cl")],
-    "moments-W48-fp16-nchw",
-    "moments-W18s-bf16-nchw", "moments-W18s-fp32-cl",
+    "moments-W48-fp16-nchw", "moments-W48-fp16-cl",
+    "moments-W18s-bf16-nchw", "moments-W18s-mixed-nchw", "moments-W18s-fp32-cl",
     # loss: fp32 / bf16 logits, int64 / int32 / uint8 labels, with and without class weights
     "loss-fp32-i64", "loss-bf16-i32-w", "loss-fp32-u8", "loss-fp32-i64-traced",
 ]
@@ -104,17 +102,12 @@ def test_compiles_sm90(aot, case):
         assert r["smem"] <= SMEM_LIMIT, f"{where}: {r['smem']} B of shared memory > 227 KiB: the launch fails"
         assert r["regs"] > 0 and r["spill_st"] >= 0, f"{where}: no ptxas -v report:\n{r['ptxas_log'][-2000:]}"
         if ln.kernel_name == "_loss_main_kernel":
-            branch = ln.kwargs["BRANCH"]
             if case.endswith("-traced"):  # torch.compile: no maxnreg, ptxas picks the registers
                 assert "maxnreg" not in ln.kwargs, where
-                bound = 0
             else:
                 assert ln.kwargs.get("maxnreg") == 128, f"{where}: the eager launch should cap registers at 128"
-                bound = LOSS_MAIN_ACCEPTED_SPILL[branch]
-            assert r["spill_st"] <= bound, f"{where}: {r['spill_st']} B spilled > accepted {bound} B"
-        else:
-            assert r["spill_st"] == 0 and r["spill_ld"] == 0, \
-                f"{where}: spills {r['spill_st']}/{r['spill_ld']} B (regs {r['regs']})"
+        assert r["spill_st"] == 0 and r["spill_ld"] == 0, \
+            f"{where}: spills {r['spill_st']}/{r['spill_ld']} B (regs {r['regs']})"
         if ln.kernel_name == "_moments_partial_kernel":
             assert r["wgmma"] > 0, f"{where}: no wgmma (tensor cores) in the PTX"
             assert not r["c7515"], f"{where}: ptxas serialised the wgmma pipeline (C7515)"
