@@ -69,11 +69,21 @@ def _all() -> bool:
     return os.environ.get("DEBIAS_OPS_AOT_ALL", "0") not in ("", "0")
 
 
+def _skip(why: str):
+    """Skip, or fail where DEBIAS_OPS_AOT_REQUIRE=1 (scripts/test.sh's Triton 3.6 step)."""
+    if os.environ.get("DEBIAS_OPS_AOT_REQUIRE", "0") not in ("", "0"):
+        pytest.fail(f"DEBIAS_OPS_AOT_REQUIRE is set but the sm_90 compile checks cannot run: {why}")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def aot():
     if _interpreting():
-        pytest.skip("TRITON_INTERPRET=1: the GPU compiler path is not used")
-    pytest.importorskip("triton")
+        _skip("TRITON_INTERPRET=1: the GPU compiler path is not used")
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        _skip(f"no triton ({err})")
     from benchmarks import aot as mod
     # Triton 3.6 (the GPU session) fuses FP multiply-adds by default; 3.9 warns unless told
     old = os.environ.get("TRITON_DEFAULT_FP_FUSION")
@@ -81,9 +91,7 @@ def aot():
     why = mod.available()
     if why:
         _restore(old)
-        if os.environ.get("DEBIAS_OPS_AOT_REQUIRE", "0") not in ("", "0"):  # scripts/test.sh's Triton 3.6 step
-            pytest.fail(f"DEBIAS_OPS_AOT_REQUIRE is set but the sm_90 compile checks cannot run: {why}")
-        pytest.skip(why)
+        _skip(why)
     yield mod
     _restore(old)
 
