@@ -8,7 +8,8 @@
 #     Triton; not on the GPU machine itself), the offline sm_90 compile checks
 #     (tests/test_aot_sm90.py, default subset) once more under it: step 1 ran them
 #     under the environment's Triton, and configurations clean under one Triton
-#     can spill under another (~1-2 min on 2 CPU cores, cold compile cache).
+#     can spill under another (measured: ~45 s with a cold compile cache, ~17 s warm,
+#     on 2 shared CPU cores).
 #     DEBIAS_OPS_AOT_REQUIRE=1: a missing compiler piece fails instead of skipping.
 #  0. (first) `ruff check .` with the repository's ruff.toml.
 # pytest's exit code 5 ("no tests collected") is a failure here.
