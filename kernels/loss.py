@@ -372,7 +372,7 @@ def plan(K: int, h: int, w: int, H: int, W: int, interpret: bool = False) -> dic
     # 4 fp32 (KP, BX) tiles live across the row loop (top, bot, acc, carry). At 8 warps
     # for (32, 64) ptxas takes 148-218 registers (Triton 3.9 / 3.6), and capped at 128
     # (two programs per SM) it spilled 20-52 B (3.9), 0-8 B (3.8), 72-276 B (3.6). At 16
-    # warps each thread holds half of each tile: 89-95 (3.8, 3.9) / 112-128 (3.6)
+    # warps each thread holds half of each tile: 85-98 (3.8, 3.9) / 114-128 (3.6)
     # registers, no spill on any (sm_90 compiles, benchmarks/NOTES_aot.md), and one
     # 16-warp program per SM keeps the 16 resident warps of two 8-warp ones (maxnreg 128
     # below is then the most a 16-warp program can have anyway).
