@@ -345,6 +345,20 @@ def _compile_with_log(src, opts):
     return ck, (log if "Used" in log and "registers" in log else None)
 
 
+@functools.lru_cache(maxsize=None)
+def _ptxas_extra_flags() -> tuple:
+    """The register-allocation flag this Triton passes to ptxas: 3.8 and 3.9 add
+    ``--regAllocOptLevel=2`` (it changes spills), 3.6 does not."""
+    import inspect
+
+    from triton.backends.nvidia.compiler import CUDABackend
+    try:
+        src = inspect.getsource(CUDABackend.make_cubin)
+    except (OSError, TypeError, AttributeError):  # pragma: no cover - no source shipped
+        return ()
+    return ("--regAllocOptLevel=2",) if "--regAllocOptLevel=2" in src else ()
+
+
 def _ptxas_v(ptx: str, enable_fp_fusion: bool = True) -> str:
     """ptxas -v log of the PTX with Triton's own flags (Triton does not keep the log)."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -352,7 +366,7 @@ def _ptxas_v(ptx: str, enable_fp_fusion: bool = True) -> str:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
-        cmd = [exe, "-lineinfo", *([] if enable_fp_fusion else ["--fmad=false"]), "-v", "--regAllocOptLevel=2",
+        cmd = [exe, "-lineinfo", *([] if enable_fp_fusion else ["--fmad=false"]), "-v", *_ptxas_extra_flags(),
                "--gpu-name=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         return r.stdout + r.stderr

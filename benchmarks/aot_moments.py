@@ -8,7 +8,10 @@ Variants (default: all): the launcher's defaults at W48 (bf16-nchw, bf16-cl,
 fp32-nchw, fp32-cl, mixed-nchw) and alternatives that were rejected, with the
 reason visible in the table: bf16-cl-bn64-s2 (256 KiB shared memory: does not
 launch), bf16-cl-tl.sum (sums by tl.sum: C7515), fp16-raw-nchw (mode 0),
-bf16-nchw-bc64 (BLOCK_C 64, 4 warps), bf16-nchw-oddN (a partial last block).
+bf16-nchw-bc64 (BLOCK_C 64, 4 warps), bf16-nchw-oddN (a partial last block),
+and the two choices that depend on the Triton version (``kernels/_common.py``):
+bf16-cl-bc128 (spills on 3.6 / 3.8), bf16-nchw-bc64-bn64 / -bn32 (C7515 on 3.6 /
+3.7 resp. 3.8 / 3.9).
 
 The compile harness is ``benchmarks/aot.py`` (a dry run of the real launcher
 with these keyword arguments, then Triton's own specialisation); the launcher's
@@ -38,6 +41,9 @@ VARIANTS = {
     "fp16-raw-nchw": ("fp16", "fp16", False, 256, dict(recenter_every=0)),
     "bf16-nchw-bc64": ("bf16", "bf16", False, 256, dict(block_c=64, num_warps=4)),
     "bf16-nchw-oddN": ("bf16", "bf16", False, 250, {}),
+    "bf16-cl-bc128": ("bf16", "bf16", True, 256, dict(block_c=128, num_warps=8)),
+    "bf16-nchw-bc64-bn64": ("bf16", "bf16", False, 256, dict(block_c=64, num_warps=4, block_n=64)),
+    "bf16-nchw-bc64-bn32": ("bf16", "bf16", False, 256, dict(block_c=64, num_warps=4, block_n=32)),
 }
 
 

@@ -369,13 +369,14 @@ def plan(K: int, h: int, w: int, H: int, W: int, interpret: bool = False) -> dic
     CBP = max(16, _next_pow2(CB))
     RB = PLAN_OVERRIDE.get("RB", 3 if interpret else 8)
     RB = max(1, min(RB, h))
-    # 4 fp32 (KP, BX) tiles live across the row loop (top, bot, acc, carry); ptxas
-    # alone takes 152 (BRANCH 0) / 180 (BRANCH 1) registers at 8 warps for (32, 64):
-    # cap at 128 so two programs fit an SM. Accepted spill at 128 (sm_90, ptxas 13.4 -v on
-    # the SPEC §8 loss configs): 0 / 12 bytes (BRANCH 0 / 1) with plain ptxas flags, 20 / 52
-    # bytes with the flags Triton 3.9 compiles with (--regAllocOptLevel=2); bounded in
-    # tests/test_aot_sm90.py (LOSS_MAIN_ACCEPTED_SPILL)
-    num_warps = PLAN_OVERRIDE.get("num_warps", 4 if BX * KP <= 1024 else 8)
+    # 4 fp32 (KP, BX) tiles live across the row loop (top, bot, acc, carry). At 8 warps
+    # for (32, 64) ptxas takes 148-218 registers (Triton 3.9 / 3.6), and capped at 128
+    # (two programs per SM) it spilled 20-52 B (3.9), 0-8 B (3.8), 72-276 B (3.6). At 16
+    # warps each thread holds half of each tile: 85-98 (3.8, 3.9) / 114-128 (3.6)
+    # registers, no spill on any (sm_90 compiles, benchmarks/NOTES_aot.md), and one
+    # 16-warp program per SM keeps the 16 resident warps of two 8-warp ones (maxnreg 128
+    # below is then the most a 16-warp program can have anyway).
+    num_warps = PLAN_OVERRIDE.get("num_warps", 4 if BX * KP <= 1024 else (16 if BX * KP <= 2048 else 8))
     # (large K: tiles this big spill anyway, let ptxas choose)
     maxnreg = PLAN_OVERRIDE.get("maxnreg", 128 if BX * KP <= 2048 else None)
     return dict(KP=KP, BX=BX, CB=CB, CBP=CBP, RB=RB, num_warps=num_warps, maxnreg=maxnreg)

@@ -103,6 +103,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting as _interpreting
+from ._common import sm90_config
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -631,11 +632,24 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
         return (torch.zeros(C, dtype=f32, device=dev), torch.zeros(K, dtype=f32, device=dev),
                 torch.zeros(C, C, dtype=f32, device=dev), torch.zeros(K, C, dtype=f32, device=dev))
     interp = _interpreting() or dev.type != "cuda"
-    if block_c is None:
-        block_c = min(32, max(16, _next_pow2(C))) if interp else _pick_block_c(C)
     chan_contig = feats.stride(1) == 1 and C > 1  # channels_last-like
+    sixteen = feats.dtype in _SIXTEEN
+    if block_c is None:
+        if interp:
+            block_c = min(32, max(16, _next_pow2(C)))
+        else:
+            block_c = _pick_block_c(C)
+            if chan_contig and sixteen:
+                # 128 spills on some Tritons (3.6, 3.8): kernels/_common.py:_SM90_CONFIG
+                block_c = min(block_c, sm90_config("moments_cl16_block_c"))
     if block_n is None:
-        block_n = 16 if interp else (64 if (feats.dtype in _SIXTEEN and not chan_contig) else 32)
+        if interp:
+            block_n = 16
+        elif sixteen and not chan_contig:
+            # BLOCK_C 64: the BLOCK_N without wgmma serialisation (C7515) depends on the Triton
+            block_n = sm90_config("moments_nchw16_bc64_block_n") if block_c == 64 else 64
+        else:
+            block_n = 32
     block_k = max(16, min(128 if not interp else 32, _next_pow2(K)))
     if fp32_precision is None:
         fp32_precision = default_fp32_precision()

@@ -36,5 +36,12 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.ready" ]; then
         touch "$VENV/.ready"
     } 1>&2
 fi
+# Triton 3.6 (the GPU machine's) beside the venv's: scripts/test.sh also runs the sm_90
+# compile checks (tests/test_aot_sm90.py) under it, since launch configurations that
+# compile clean under one Triton may spill under another (benchmarks/NOTES_aot.md)
+if [ ! -f .triton36/.ready ]; then
+    "$VENV/bin/python" -m pip install -q --no-deps --upgrade --target .triton36 triton==3.6.0 1>&2 \
+        && touch .triton36/.ready
+fi
 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation . 1>&2
 echo "$VENV/bin/python"

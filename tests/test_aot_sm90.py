@@ -5,18 +5,30 @@ Each case calls the real launcher (gate / moments / loss) on fake CUDA tensors
 with an H100 SM count and records its launches instead of running them
 (``benchmarks/aot.py``), then compiles each launch with Triton's own argument
 specialisation, constexprs, num_warps, num_stages and maxnreg for
-``GPUTarget("cuda", 90, 32)`` and inspects the PTX / ptxas -v output.
+``GPUTarget("cuda", 90, 32)`` and inspects the PTX / ptxas -v output (the ptxas
+bundled with that Triton, with its flags).
 
-Checks: compiles; shared memory <= 227 KiB; no register spills except the
-documented, bounded spill of the loss main kernel (``kernels/loss.py:plan``);
-tensor-core instructions (wgmma) in the moments partial kernel; fp32 moments
-really tf32x3 (3 wgmma per product of the 16-bit variant, all tf32, with the
-hi/lo split ``cvt.rna.tf32``); 128-bit global loads and stores in the NCHW
-bf16 / fp32 gate kernel (and channels_last at C = 720).
+Checks: compiles; shared memory <= 227 KiB; no register spills in any kernel;
+no wgmma serialisation (ptxas C7515) and tensor-core instructions (wgmma) in
+the moments partial kernel; fp32 moments really tf32x3 (3 wgmma per product of
+the 16-bit variant, all tf32, with the hi/lo split ``cvt.rna.tf32``); 128-bit
+global loads and stores in the NCHW bf16 / fp32 gate kernel (and channels_last
+at C = 720).
+
+Triton versions: the same configuration can compile clean under one Triton and
+spill or serialise under another (code generator and bundled ptxas differ:
+3.6 ptxas 12.8; 3.8 ptxas 12.9 with --regAllocOptLevel=2; 3.9 ptxas 13.4). The
+launchers pick per version where they must (``kernels/_common.py:_SM90_CONFIG``);
+these checks pass under Triton 3.6, 3.8 and 3.9 (3.7: the subset), with the
+per-version numbers in benchmarks/NOTES_aot.md. The test command runs them under
+the environment's Triton and again under Triton 3.6 (``.triton36``, the GPU
+machine's; ``DEBIAS_OPS_AOT_REQUIRE=1`` turns a skip into a failure there).
 
 Coverage: by default a representative subset (``SUBSET``, ~40 distinct
-compiles, < 90 s cold on 2 cores); ``DEBIAS_OPS_AOT_ALL=1`` runs every case of
-``benchmarks.aot`` (100 distinct compiles, roughly 2 min cold). ``python -m benchmarks.aot``
+compiles, including every case that failed under some version before the
+per-version choices: W48 channels_last 16-bit moments, W18s NCHW 16-bit
+moments, the loss main kernel); ``DEBIAS_OPS_AOT_ALL=1`` runs every case of
+``benchmarks.aot`` (100 distinct compiles). ``python -m benchmarks.aot``
 prints the full table (benchmarks/NOTES_aot.md).
 
 Skips under TRITON_INTERPRET=1 and where this Triton lacks the AOT pieces.
@@ -31,11 +43,9 @@ pytestmark = pytest.mark.aot
 
 SMEM_LIMIT = 227 * 1024
 
-# Bytes of spill stores accepted in the loss main kernel at maxnreg 128, per BRANCH
-# (documented in kernels/loss.py:plan; measured with Triton 3.9's ptxas flags:
-# 20 / 52 in the worst SPEC §8 config). Every other kernel must not spill.
-LOSS_MAIN_ACCEPTED_SPILL = {0: 20, 1: 52}
-
+# Triton versions differ in what they do with one configuration (registers, spills,
+# wgmma serialisation); the launchers pick per version where they must
+# (kernels/_common.py:_SM90_CONFIG). No kernel may spill on any version checked.
 SUBSET = [
     # gate: bf16 / fp32 × NCHW / channels_last × apply / dA / dA+dg at W48, fp16 dA+dg,
     # a stride-0 dOut, and W18s channels_last (C = 270: BLOCK_C 32)
@@ -44,8 +54,8 @@ SUBSET = [
     "gate-bwd-dg-W48-fp16-nchw", "gate-bwd-dg-W48-bf16-expanded", "gate-apply-W18s-bf16-cl",
     # moments: every dtype mode × layout at W48 (BLOCK_C 128, 8 warps); W18s (BLOCK_C 64, 4 warps)
     *[f"moments-W48-{d}-{lay}" for d in ("fp32", "bf16", "mixed") for lay in ("nchw", "cl")],
-    "moments-W48-fp16-nchw",
-    "moments-W18s-bf16-nchw", "moments-W18s-fp32-cl",
+    "moments-W48-fp16-nchw", "moments-W48-fp16-cl",
+    "moments-W18s-bf16-nchw", "moments-W18s-mixed-nchw", "moments-W18s-fp32-cl",
     # loss: fp32 / bf16 logits, int64 / int32 / uint8 labels, with and without class weights
     "loss-fp32-i64", "loss-bf16-i32-w", "loss-fp32-u8", "loss-fp32-i64-traced",
 ]
@@ -59,11 +69,21 @@ def _all() -> bool:
     return os.environ.get("DEBIAS_OPS_AOT_ALL", "0") not in ("", "0")
 
 
+def _skip(why: str):
+    """Skip, or fail where DEBIAS_OPS_AOT_REQUIRE=1 (scripts/test.sh's Triton 3.6 step)."""
+    if os.environ.get("DEBIAS_OPS_AOT_REQUIRE", "0") not in ("", "0"):
+        pytest.fail(f"DEBIAS_OPS_AOT_REQUIRE is set but the sm_90 compile checks cannot run: {why}")
+    pytest.skip(why)
+
+
 @pytest.fixture(scope="module")
 def aot():
     if _interpreting():
-        pytest.skip("TRITON_INTERPRET=1: the GPU compiler path is not used")
-    pytest.importorskip("triton")
+        _skip("TRITON_INTERPRET=1: the GPU compiler path is not used")
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        _skip(f"no triton ({err})")
     from benchmarks import aot as mod
     # Triton 3.6 (the GPU session) fuses FP multiply-adds by default; 3.9 warns unless told
     old = os.environ.get("TRITON_DEFAULT_FP_FUSION")
@@ -71,7 +91,7 @@ def aot():
     why = mod.available()
     if why:
         _restore(old)
-        pytest.skip(why)
+        _skip(why)
     yield mod
     _restore(old)
 
@@ -104,17 +124,12 @@ def test_compiles_sm90(aot, case):
         assert r["smem"] <= SMEM_LIMIT, f"{where}: {r['smem']} B of shared memory > 227 KiB: the launch fails"
         assert r["regs"] > 0 and r["spill_st"] >= 0, f"{where}: no ptxas -v report:\n{r['ptxas_log'][-2000:]}"
         if ln.kernel_name == "_loss_main_kernel":
-            branch = ln.kwargs["BRANCH"]
             if case.endswith("-traced"):  # torch.compile: no maxnreg, ptxas picks the registers
                 assert "maxnreg" not in ln.kwargs, where
-                bound = 0
             else:
                 assert ln.kwargs.get("maxnreg") == 128, f"{where}: the eager launch should cap registers at 128"
-                bound = LOSS_MAIN_ACCEPTED_SPILL[branch]
-            assert r["spill_st"] <= bound, f"{where}: {r['spill_st']} B spilled > accepted {bound} B"
-        else:
-            assert r["spill_st"] == 0 and r["spill_ld"] == 0, \
-                f"{where}: spills {r['spill_st']}/{r['spill_ld']} B (regs {r['regs']})"
+        assert r["spill_st"] == 0 and r["spill_ld"] == 0, \
+            f"{where}: spills {r['spill_st']}/{r['spill_ld']} B (regs {r['regs']})"
         if ln.kernel_name == "_moments_partial_kernel":
             assert r["wgmma"] > 0, f"{where}: no wgmma (tensor cores) in the PTX"
             assert not r["c7515"], f"{where}: ptxas serialised the wgmma pipeline (C7515)"
@@ -170,3 +185,20 @@ def test_gate_128bit_access(aot, case):
 def test_loss_horizontal_dot_on_tensor_cores(aot):
     rows = [r for ln, r in _compiled(aot, "loss-fp32-i64") if ln.kernel_name == "_loss_main_kernel"]
     assert rows and all(r["wgmma"] + r["mma"] > 0 for r in rows)
+
+
+def test_sm90_config_versions():
+    """The per-version launch choices: every measured version has every key; a version
+    outside the table takes the nearest measured one (older -> 3.6, newer -> 3.9)."""
+    pytest.importorskip("triton")
+    from debias_ops import _backend as be
+    be.load_kernels()
+    from debias_ops.kernels import _common as c
+    keys = set(c._SM90_CONFIG[(3, 6)])
+    assert all(set(v) == keys for v in c._SM90_CONFIG.values())
+    for key in keys:
+        assert c.sm90_config(key, (3, 5)) == c._SM90_CONFIG[(3, 6)][key]
+        assert c.sm90_config(key, (3, 10)) == c._SM90_CONFIG[(3, 9)][key]
+        assert c.sm90_config(key, (4, 0)) == c._SM90_CONFIG[(3, 9)][key]
+        assert c.sm90_config(key, (3, 8)) == c._SM90_CONFIG[(3, 8)][key]
+    assert c.sm90_config("moments_cl16_block_c") in (64, 128)
