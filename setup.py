@@ -22,9 +22,9 @@ setup(
     ],
     extras_require={
         "train": ["torchvision", "segmentation-models-pytorch", "torchmetrics", "cityscapesscripts", "tqdm",
-                  "matplotlib"],
+                  "matplotlib", "scipy"],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "ruff", "torchvision",
-                 "segmentation-models-pytorch", "torchmetrics", "cityscapesscripts", "tqdm", "matplotlib"],
+                 "segmentation-models-pytorch", "torchmetrics", "cityscapesscripts", "tqdm", "matplotlib", "scipy"],
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "hypothesis", "tqdm", "matplotlib"],
     },
     license="MIT",

@@ -11,11 +11,13 @@ Public API (SPEC §5)::
     head = DropClassHead(in_channels, num_classes, importance="weight", k=None, alpha=10.0)  # SPEC §6
     t    = progress(epoch, epochs)                                # training progress for the head
     model = dropclass(model, importance="weight", alpha=10.0)     # wrap a torchvision/smp model
+    ov   = class_overlap(S, k)                                    # K×K top-k channel overlap (disentanglement)
 
 CUDA tensors run the Triton kernels, anything else the reference; the
 environment variable DEBIAS_OPS_BACKEND (auto | triton | reference) overrides.
 Importing needs torch only (triton is imported when a kernel first runs).
 """
+from .analysis import ClassOverlap, class_overlap
 from .api import class_drop, class_importance, dropclass_loss, suppress
 from .integrations import DropClassModel, dropclass, is_dropclass, segmentation_logits
 from .modules import DropClassHead, DropClassOutput, progress
@@ -40,6 +42,8 @@ __all__ = [
     "DropClassModel",
     "is_dropclass",
     "segmentation_logits",
+    "class_overlap",
+    "ClassOverlap",
     "set_value_checks",
     "value_checks",
     "value_checks_enabled",

@@ -32,7 +32,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.ready" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
         "$VENV/bin/python" -m pip install -q $TORCH_PIN
         "$VENV/bin/python" -m pip install -q triton numpy pytest pytest-benchmark pytest-timeout hypothesis tqdm matplotlib \
-            ruff segmentation-models-pytorch torchmetrics cityscapesscripts
+            ruff segmentation-models-pytorch torchmetrics cityscapesscripts scipy
         touch "$VENV/.ready"
     } 1>&2
 fi
