@@ -1,85 +1,124 @@
-"""Smoke run of examples/synthetic_bias.py (a few steps) and checks of its data."""
+"""The synthetic debiasing benchmark (examples/synthetic_bias.py, bias_grid.py, bias_report.py):
+its data, its statistics, and a tiny grid that runs, resumes and writes its files (seconds).
+Nothing here asserts that DropClass helps."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 sb = pytest.importorskip("examples.synthetic_bias")
+bg = pytest.importorskip("examples.bias_grid")
+br = pytest.importorskip("examples.bias_report")
+pytest.importorskip("scipy")
+
+TINY = ["--steps", "3", "--seeds", "2", "--n-train", "64", "--n-test", "16", "--no-progress"]
 
 
-def _touching_road(labels: torch.Tensor, cls: int) -> torch.Tensor:
-    """Per image holding `cls`: does any `cls` pixel sit directly above a road pixel?"""
+def _on_context(labels: torch.Tensor, cls: int, context: int) -> torch.Tensor:
+    """Per image holding `cls`: does any `cls` pixel sit directly above a `context` pixel?"""
     has = (labels == cls).flatten(1).any(1)
-    above_road = torch.zeros_like(labels, dtype=torch.bool)
-    above_road[:, :-1] = (labels[:, :-1] == cls) & (labels[:, 1:] == sb.FREQ)
-    return above_road.flatten(1).any(1)[has]
+    above = torch.zeros_like(labels, dtype=torch.bool)
+    above[:, :-1] = (labels[:, :-1] == cls) & (labels[:, 1:] == context)
+    return above.flatten(1).any(1)[has]
 
 
-def test_data_is_deterministic_and_biased():
-    cfg = sb.Config(bias=0.95)
-    a = sb.make_split(200, 7, cfg, "train")
-    b = sb.make_split(200, 7, cfg, "train")
+@pytest.mark.parametrize("context,ctx_class", [("road", sb.FREQ), ("bicycle", sb.BICYCLE)])
+def test_data_is_deterministic_and_biased(context, ctx_class):
+    cfg = sb.Config(bias=0.98, context=context)
+    a = sb.make_split(300, 7, cfg, "train")
+    b = sb.make_split(300, 7, cfg, "train")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     x, y = a
-    assert x.shape == (200, 3, cfg.size, cfg.size) and y.shape == (200, cfg.size, cfg.size)
+    assert x.shape == (300, 3, cfg.size, cfg.size) and y.shape == (300, cfg.size, cfg.size)
     assert y.min() >= 0 and y.max() < sb.K
     freq = torch.bincount(y.flatten(), minlength=sb.K).double() / y.numel()
-    assert freq[sb.RARE] < 0.02 < 0.15 < freq[sb.FREQ], f"class frequencies {freq.tolist()}"
-    # training: the rare class nearly always sits on the road (when there is a road)
-    assert _touching_road(y, sb.RARE).double().mean() > 0.8
-    assert _touching_road(y, 3).double().mean() < 0.1
-    # conflicting test split: the pairing is broken
-    _, yc = sb.make_split(200, 8, cfg, "conflicting")
-    assert _touching_road(yc, sb.RARE).double().mean() == 0.0
-    assert _touching_road(yc, 3).double().mean() > 0.7
+    assert freq[sb.RARE] < 0.03 < 0.15 < freq[sb.FREQ], f"class frequencies {freq.tolist()}"
+    # training: the rare class nearly always sits on its context, the sign nearly never
+    assert _on_context(y, sb.RARE, ctx_class).double().mean() > 0.8
+    assert _on_context(y, sb.SIGN, ctx_class).double().mean() < 0.1
+    # conflicting split: the pairing is broken
+    _, yc = sb.make_split(300, 8, cfg, "conflicting")
+    assert _on_context(yc, sb.RARE, ctx_class).double().mean() == 0.0
+    assert _on_context(yc, sb.SIGN, ctx_class).double().mean() > 0.7
 
 
-def test_example_smoke(tmp_path):
-    res = sb.main(["--quick", "--steps", "4", "--seeds", "2", "--n-train", "64", "--n-test", "16",
-                   "--device", "cpu", "--out", str(tmp_path), "--name", "smoke", "--no-progress"])
-    for head in ("baseline", "dropclass"):
-        for split in ("ordinary", "conflicting"):
-            iou = torch.tensor(res[head][split])
-            assert iou.shape == (2, sb.K) and (iou >= 0).all() and (iou <= 1).all()
-    text = (tmp_path / "smoke.txt").read_text()
-    assert "rider (rare)" in text and "DropClass" in text and "±" in text
-    saved = json.loads((tmp_path / "smoke.json").read_text())
-    assert saved["config"]["steps"] == 4 and saved["results"]["baseline"] == res["baseline"]
-    assert (tmp_path / "smoke.png").stat().st_size > 1000
+def test_bad_data_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        sb.make_split(2, 0, sb.Config(), "val")
+    with pytest.raises(ValueError, match="context"):
+        sb.make_split(2, 0, sb.Config(context="sky"), "train")
+
+
+def test_paired_interval_and_verdicts():
+    iv = br.paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t_{0.975, 2} = 4.3027
+    assert iv["mean"] == pytest.approx(2.0)
+    assert iv["hi"] - iv["mean"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-5)
+    assert iv["verdict"] == "inconclusive"
+    assert br.paired_interval([5.0, 6.0, 7.0])["verdict"] == "helps"
+    assert br.paired_interval([-5.0, -6.0, -7.0])["verdict"] == "hurts"
+    assert br.paired_interval([3.0])["verdict"] == "inconclusive"  # one seed: no interval
+
+
+def test_grid_shares_baselines_and_is_written_down():
+    jobs = bg.grid_jobs("b98", ["central", "3S", "alpha=10", "alpha=10, 3S"], [0, 1], 10)
+    base = [j for j in jobs if j.cell == "baseline"]
+    assert sorted({(j.steps, j.seed) for j in base}) == [(10, 0), (10, 1), (30, 0), (30, 1)] and len(base) == 4
+    assert len(jobs) == 4 + 4 * 2
+    assert bg.CHOSEN in bg.DATA
+    # pre-registered: every cell is named in the module docstring's grid and in the README
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for cell in list(bg.CELLS) + list(bg.DIAGNOSTICS):
+        assert f"`{cell}`" in readme, f"cell {cell!r} is not listed in the README"
+
+
+def test_tiny_grid_runs_resumes_and_writes(tmp_path, monkeypatch):
+    rep = bg.main(["grid", "--cells", "central", "--out", str(tmp_path)] + TINY)
+    runs = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*.json"))
+    assert runs == ["runs/b98/baseline@3/seed0.json", "runs/b98/baseline@3/seed1.json",
+                    "runs/b98/central@3/seed0.json", "runs/b98/central@3/seed1.json"]
+    run = json.loads((tmp_path / runs[2]).read_text())
+    assert len(run["iou"]["conflicting"]) == sb.K and "iou_plain" in run and run["versions"]["torch"]
+    assert run["method"]["alpha"] == 1.0 and run["config"]["n_train"] == 64
+    cell = rep["grid"]["cells"][0]
+    assert cell["cell"] == "central" and cell["rider_conflicting"]["n"] == 2
+    assert cell["rider_conflicting"]["verdict"] in ("helps", "hurts", "inconclusive")
+    for name in ("grid.md", "grid.json", "grid_delta_rider.png", "grid_overlap_seed0.png"):
+        assert (tmp_path / name).stat().st_size > 100, name
+    assert "| central | 3 |" in (tmp_path / "grid.md").read_text()
+
+    # resume: nothing is trained again, one more cell trains only its own runs
+    trained = []
+    real = sb.train_run
+
+    def counting(cfg, method, seed, steps, **kw):
+        trained.append((method, seed))
+        return real(cfg, method, seed, steps, **kw)
+
+    monkeypatch.setattr(sb, "train_run", counting)
+    bg.main(["grid", "--cells", "central", "--out", str(tmp_path)] + TINY)
+    assert trained == []
+    bg.main(["grid", "--cells", "central", "alpha=10", "--out", str(tmp_path)] + TINY)
+    assert [(m.alpha, s) for m, s in trained] == [(10.0, 0), (10.0, 1)]
+    assert len(json.loads((tmp_path / "grid.json").read_text())["cells"]) == 2
+
+
+def test_calibration_report_and_bad_cells(tmp_path):
+    rep = bg.main(["calibrate", "--out", str(tmp_path), "--seeds", "2", "--steps", "2", "--n-train", "32",
+                   "--n-test", "8", "--no-progress"])
+    rows = rep["calibration"]["rows"]
+    assert {r["data"] for r in rows} == set(bg.DATA) and all("gap" in r for r in rows)
+    assert "| b98 | 6 |" in (tmp_path / "calibration.md").read_text()  # the chosen data at 3S too
+    with pytest.raises(SystemExit, match="unknown cells"):
+        bg.main(["grid", "--cells", "nope", "--out", str(tmp_path)])
 
 
 @pytest.mark.gpu
-def test_example_smoke_gpu(tmp_path):
-    """The fused path (CUDA tensors dispatch to the Triton kernels) runs the example."""
+def test_tiny_grid_gpu(tmp_path):
+    """The fused path (CUDA tensors dispatch to the Triton kernels) runs the benchmark."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    res = sb.main(["--quick", "--steps", "4", "--seeds", "1", "--n-train", "64", "--n-test", "16",
-                   "--device", "cuda", "--out", str(tmp_path), "--name", "smoke", "--no-progress"])
-    assert torch.tensor(res["dropclass"]["conflicting"]).shape == (1, sb.K)
-    assert "triton" in (tmp_path / "smoke.txt").read_text()
-
-
-def test_sweep_grid(tmp_path, monkeypatch):
-    """--sweep runs alpha {1, 10} x steps {S, 4S} x bias {0.8, 0.98}, the baseline once per (steps, bias)."""
-    calls = []
-
-    def fake_cell(cfg, seeds, device, progress_bar=True):
-        calls.append(("both", cfg.alpha, cfg.steps, cfg.bias))
-        iou = [[0.5] * sb.K for _ in seeds]
-        return {h: {s: iou for s in ("ordinary", "conflicting")} for h in ("baseline", "dropclass")}
-
-    def fake_drop_only(cfg, seeds, device, baseline, progress_bar):
-        calls.append(("dropclass", cfg.alpha, cfg.steps, cfg.bias))
-        iou = [[0.6] * sb.K for _ in seeds]
-        return {"baseline": baseline, "dropclass": {s: iou for s in ("ordinary", "conflicting")}}
-
-    monkeypatch.setattr(sb, "run_cell", fake_cell)
-    monkeypatch.setattr(sb, "_run_dropclass_only", fake_drop_only)
-    out = sb.main(["--sweep", "--steps", "5", "--seeds", "3", "--device", "cpu", "--out", str(tmp_path), "--no-progress"])
-    cells = {(c["config"]["alpha"], c["config"]["steps"], c["config"]["bias"]) for c in out["cells"]}
-    assert cells == {(a, s, b) for a in (1.0, 10.0) for s in (5, 20) for b in (0.8, 0.98)}
-    assert sum(c[0] == "both" for c in calls) == 4  # one baseline per (steps, bias)
-    text = (tmp_path / "sweep.txt").read_text()
-    assert text.count("helps") == 8  # +10 IoU points with zero seed spread
+    rep = bg.main(["grid", "--cells", "central", "--device", "cuda", "--out", str(tmp_path)] + TINY)
+    assert rep["grid"]["cells"][0]["versions"]["device"].startswith("cuda")
