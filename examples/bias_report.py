@@ -10,8 +10,8 @@ interval is the paired t interval mean(d) ± t_{0.975, n−1} · sd(d) / √n
 Metrics (points, 0-100): the rare class's (rider) IoU and the mIoU over the K
 classes, on the ordinary and the conflicting split; the class overlap of the
 classifier's weight (``debias_ops.class_overlap``, k = C // 4, 0-1).
-Writes <out>/calibration.{md,json}, <out>/grid.{md,json},
-<out>/grid_delta_rider.png and <out>/grid_overlap_seed0.png.
+Writes <out>/calibration.{md,json} and, per grid data setting D,
+<out>/grid_D.{md,json}, <out>/grid_D_delta_rider.png and <out>/grid_D_overlap_seed0.png.
 """
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def calibration(out: Path, seeds: Sequence[int], short: int) -> Optional[Dict]:
                          "qualifies": bool(np.mean(ordv) >= 60 and gap["mean"] >= 20), "versions": _versions(runs)})
     if not rows:
         return None
-    first = next((r["data"] for r in rows if r["steps"] == short and r["qualifies"]), None)
+    first = {ctx: next((r["data"] for r in rows if r["steps"] == short and r["qualifies"]
+                        and r["config"]["context"] == ctx), None) for ctx in ("road", "bicycle")}
     lines = [f"# Calibration: the baseline alone (plain CE), seeds {list(seeds)}",
              "",
              "Qualifies: rider IoU ≥ 60 on the ordinary split and ≥ 20 points lower on the conflicting one "
@@ -108,12 +109,14 @@ def calibration(out: Path, seeds: Sequence[int], short: int) -> Optional[Dict]:
     for r in rows:
         lines.append(f"| {r['data']} | {r['steps']} | {r['rider_ordinary']:.1f} | {r['rider_conflicting']:.1f} | "
                      f"{_fmt(r['gap'])} | {r['miou_ordinary']:.1f} | {'yes' if r['qualifies'] else 'no'} |")
-    lines += ["", f"First qualifying setting: **{first}**; the grid runs on `CHOSEN = {bg.CHOSEN!r}`."]
-    if first is not None and first != bg.CHOSEN:
-        lines.append(f"WARNING: CHOSEN ({bg.CHOSEN}) is not the rule's pick ({first}).")
+    lines += ["", f"First qualifying setting: **{first['road']}** (road context), **{first['bicycle']}** "
+              f"(bicycle context); the grid runs on `CHOSEN = {bg.CHOSEN!r}` and `SECOND = {bg.SECOND!r}`."]
+    for ctx, mine in (("road", bg.CHOSEN), ("bicycle", bg.SECOND)):
+        if first[ctx] is not None and first[ctx] != mine:
+            lines.append(f"WARNING: {mine} is not the rule's pick for the {ctx} context ({first[ctx]}).")
     v = rows[0]["versions"]
     lines.append(f"\ndevice {v.get('device')}, torch {v.get('torch')}, Triton {v.get('triton')}")
-    return {"rows": rows, "first_qualifying": first, "chosen": bg.CHOSEN, "text": "\n".join(lines)}
+    return {"rows": rows, "first_qualifying": first, "grid_data": list(bg.GRID_DATA), "text": "\n".join(lines)}
 
 
 # ----------------------------------------------------------------------------- grid
@@ -231,22 +234,26 @@ def plot_overlap(out: Path, data: str, short: int, path: Path, seed: int = 0, ce
 
 # ----------------------------------------------------------------------------- all of it
 
-def write_reports(out: Path, *, data: str, seeds: Sequence[int], short: int) -> Dict:
+def write_reports(out: Path, *, data: Sequence[str], seeds: Sequence[int], short: int) -> Dict:
+    """The calibration report and the grid report of each data setting in `data` (where their runs exist)."""
     out = Path(out)
-    texts, result = [], {}
+    texts, result = [], {"grids": {}}
     cal = calibration(out, seeds, short)
     if cal is not None:
         (out / "calibration.md").write_text(cal["text"] + "\n")
         (out / "calibration.json").write_text(json.dumps({k: v for k, v in cal.items() if k != "text"}, indent=1))
         texts.append(cal["text"])
         result["calibration"] = cal
-    rep = grid(out, data, seeds, short)
-    if rep is not None:
-        (out / "grid.md").write_text(rep["text"] + "\n")
-        (out / "grid.json").write_text(json.dumps({k: v for k, v in rep.items() if k != "text"}, indent=1))
-        plot_deltas(rep, out / "grid_delta_rider.png")
-        plot_overlap(out, data, short, out / "grid_overlap_seed0.png", seed=seeds[0])
+    for d in data:
+        rep = grid(out, d, seeds, short)
+        if rep is None:
+            continue
+        stem = f"grid_{bg.slug(d)}"
+        (out / f"{stem}.md").write_text(rep["text"] + "\n")
+        (out / f"{stem}.json").write_text(json.dumps({k: v for k, v in rep.items() if k != "text"}, indent=1))
+        plot_deltas(rep, out / f"{stem}_delta_rider.png")
+        plot_overlap(out, d, short, out / f"{stem}_overlap_seed{seeds[0]}.png", seed=seeds[0])
         texts.append(rep["text"])
-        result["grid"] = rep
+        result["grids"][d] = rep
     result["text"] = "\n\n".join(texts) if texts else f"no runs in {out}"
     return result

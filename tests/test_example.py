@@ -63,11 +63,11 @@ def test_paired_interval_and_verdicts():
 
 
 def test_grid_shares_baselines_and_is_written_down():
-    jobs = bg.grid_jobs("b98", ["central", "3S", "alpha=10", "alpha=10, 3S"], [0, 1], 10)
+    jobs = bg.grid_jobs(bg.CHOSEN, ["central", "3S", "alpha=10", "alpha=10, 3S"], [0, 1], 10)
     base = [j for j in jobs if j.cell == "baseline"]
     assert sorted({(j.steps, j.seed) for j in base}) == [(10, 0), (10, 1), (30, 0), (30, 1)] and len(base) == 4
     assert len(jobs) == 4 + 4 * 2
-    assert bg.CHOSEN in bg.DATA
+    assert all(d in bg.DATA for d in bg.GRID_DATA)
     # pre-registered: every cell is named in the module docstring's grid and in the README
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for cell in list(bg.CELLS) + list(bg.DIAGNOSTICS):
@@ -77,17 +77,18 @@ def test_grid_shares_baselines_and_is_written_down():
 def test_tiny_grid_runs_resumes_and_writes(tmp_path, monkeypatch):
     rep = bg.main(["grid", "--cells", "central", "--out", str(tmp_path)] + TINY)
     runs = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*.json"))
-    assert runs == ["runs/b98/baseline@3/seed0.json", "runs/b98/baseline@3/seed1.json",
-                    "runs/b98/central@3/seed0.json", "runs/b98/central@3/seed1.json"]
+    d = bg.CHOSEN
+    assert runs == [f"runs/{d}/baseline@3/seed0.json", f"runs/{d}/baseline@3/seed1.json",
+                    f"runs/{d}/central@3/seed0.json", f"runs/{d}/central@3/seed1.json"]
     run = json.loads((tmp_path / runs[2]).read_text())
     assert len(run["iou"]["conflicting"]) == sb.K and "iou_plain" in run and run["versions"]["torch"]
     assert run["method"]["alpha"] == 1.0 and run["config"]["n_train"] == 64
-    cell = rep["grid"]["cells"][0]
+    cell = rep["grids"][d]["cells"][0]
     assert cell["cell"] == "central" and cell["rider_conflicting"]["n"] == 2
     assert cell["rider_conflicting"]["verdict"] in ("helps", "hurts", "inconclusive")
-    for name in ("grid.md", "grid.json", "grid_delta_rider.png", "grid_overlap_seed0.png"):
+    for name in (f"grid_{d}.md", f"grid_{d}.json", f"grid_{d}_delta_rider.png", f"grid_{d}_overlap_seed0.png"):
         assert (tmp_path / name).stat().st_size > 100, name
-    assert "| central | 3 |" in (tmp_path / "grid.md").read_text()
+    assert "| central | 3 |" in (tmp_path / f"grid_{d}.md").read_text()
 
     # resume: nothing is trained again, one more cell trains only its own runs
     trained = []
@@ -102,7 +103,10 @@ def test_tiny_grid_runs_resumes_and_writes(tmp_path, monkeypatch):
     assert trained == []
     bg.main(["grid", "--cells", "central", "alpha=10", "--out", str(tmp_path)] + TINY)
     assert [(m.alpha, s) for m, s in trained] == [(10.0, 0), (10.0, 1)]
-    assert len(json.loads((tmp_path / "grid.json").read_text())["cells"]) == 2
+    assert len(json.loads((tmp_path / f"grid_{d}.json").read_text())["cells"]) == 2
+    # the second bias type: a grid of its own, files of its own
+    bg.main(["grid", "--cells", "central", "--data", bg.SECOND, "--out", str(tmp_path)] + TINY)
+    assert (tmp_path / f"grid_{bg.SECOND}.md").exists() and (tmp_path / f"grid_{d}.md").exists()
 
 
 def test_calibration_report_and_bad_cells(tmp_path):
@@ -110,7 +114,8 @@ def test_calibration_report_and_bad_cells(tmp_path):
                    "--n-test", "8", "--no-progress"])
     rows = rep["calibration"]["rows"]
     assert {r["data"] for r in rows} == set(bg.DATA) and all("gap" in r for r in rows)
-    assert "| b98 | 6 |" in (tmp_path / "calibration.md").read_text()  # the chosen data at 3S too
+    text = (tmp_path / "calibration.md").read_text()
+    assert all(f"| {d} | 6 |" in text for d in bg.GRID_DATA)  # the grid's data at 3S too
     with pytest.raises(SystemExit, match="unknown cells"):
         bg.main(["grid", "--cells", "nope", "--out", str(tmp_path)])
 
@@ -121,4 +126,4 @@ def test_tiny_grid_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     rep = bg.main(["grid", "--cells", "central", "--device", "cuda", "--out", str(tmp_path)] + TINY)
-    assert rep["grid"]["cells"][0]["versions"]["device"].startswith("cuda")
+    assert rep["grids"][bg.CHOSEN]["cells"][0]["versions"]["device"].startswith("cuda")
