@@ -81,7 +81,7 @@ CELLS: Dict[str, tuple] = {
     "per-batch": (sb.Method(alpha=1.0, per_sample=False), 1),
     "alpha=10, 3S": (sb.Method(alpha=10.0), 3),
 }
-# Diagnostics, named as such and reported apart: added after the grid's verdicts (see the README)
+# Diagnostics, named as such and reported apart (not cells of the grid; see the README's disclosure)
 DIAGNOSTICS: Dict[str, tuple] = {
     "diag: alpha=0": (sb.Method(alpha=0.0), 1),   # the drop branch's CE only: what does the suppression term cost?
 }
