@@ -121,7 +121,7 @@ def test_calibration_report_and_bad_cells(tmp_path):
 
 
 @pytest.mark.gpu
-def test_tiny_grid_gpu(tmp_path):
+def test_example_smoke_gpu(tmp_path):
     """The fused path (CUDA tensors dispatch to the Triton kernels) runs the benchmark."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
