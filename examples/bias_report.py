@@ -216,14 +216,14 @@ def plot_overlap(out: Path, data: str, short: int, path: Path, seed: int = 0, ce
     if any(r is None for r in runs):
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(8.8, 4.0))
     for ax, (title, rr) in zip(axes, (("baseline", runs[0][0]), (f"DropClass ({cell})", runs[1][0]))):
         m = np.array(rr["overlap"]["matrix"])
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(sb.K))
         ax.set_yticks(range(sb.K))
         ax.set_xticklabels(sb.CLASSES, rotation=45, ha="right", fontsize=8)
-        ax.set_yticklabels(sb.CLASSES, fontsize=8)
+        ax.set_yticklabels(sb.CLASSES if ax is axes[0] else [], fontsize=8)
         ax.set_title(f"{title}: mean {rr['overlap']['mean']:.3f}", fontsize=9)
     fig.colorbar(im, ax=axes, shrink=0.8, label="Jaccard overlap of top-k channels")
     fig.suptitle(f"class overlap of the classifier weight, seed {seed}, {steps} steps", fontsize=10)
