@@ -58,6 +58,16 @@ def kernel_device() -> torch.device:
     pytest.skip("kernel tests need a GPU, or TRITON_INTERPRET=1 with DEBIAS_OPS_BACKEND=triton")
 
 
+def cuda_device() -> torch.device:
+    """A real CUDA device for the GPU-only tests (no interpreter), else the test is skipped."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("GPU tests run without the interpreter")
+    pytest.importorskip("triton")
+    return torch.device("cuda")
+
+
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values in another memory layout: 'contiguous', 'channels_last',
     'strided' (a non-contiguous view: every other element of a wider tensor), or

@@ -28,22 +28,13 @@ from benchmarks.gpu_check import SANITIZER_TIMEOUT_S, find_sanitizer
 from benchmarks.shapes import GPU_SHAPES
 from debias_ops import reference as ref
 
-from .helpers import TOL, assert_close, make_layout
+from .helpers import TOL, assert_close, cuda_device, make_layout
 from .test_kernels_loss import _inputs as loss_inputs
 from .test_kernels_selection import _close_on_device, _dg_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu
 DT = {torch.float32: "f32", torch.bfloat16: "bf16"}
-
-
-def _cuda() -> torch.device:
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("GPU tests run without the interpreter")
-    pytest.importorskip("triton")
-    return torch.device("cuda")
 
 
 def _leaf64(x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +57,7 @@ def test_gpu_spec_shape_parity(op, shape, dtype, layout):
     float64, while a lost or doubled chunk moves it by ≳ 1/256 of that. suppress is
     checked at the gate level (the reference gate from the fused S, which is itself
     checked: M = B·N ≥ 8·C, so 1e-4 of max|S| as in test_class_importance)."""
-    device = _cuda()
+    device = cuda_device()
     s = GPU_SHAPES[shape]
     feats = make_layout(torch.randn(s.B, s.C, s.H, s.W, device=device).to(dtype), layout).requires_grad_(True)
     grad = make_layout(torch.randn(s.B, s.C, s.H, s.W, device=device).to(dtype), layout)
@@ -129,7 +120,7 @@ def _run_op(op: str, device: torch.device):
 @pytest.mark.parametrize("op", ["class_drop", "suppress", "class_importance", "loss"])
 def test_gpu_bitwise_deterministic(op):
     """Two runs on the same inputs give the same bits (no atomics, fixed reduction orders)."""
-    device = _cuda()
+    device = cuda_device()
     first, again = _run_op(op, device), _run_op(op, device)
     for i, (a, b) in enumerate(zip(first, again)):
         assert torch.equal(a, b), f"{op} output {i}: {int((a != b).sum())} of {a.numel()} elements differ between runs"
@@ -141,7 +132,7 @@ def test_gpu_loss_cuda_graph_capture_replay():
     """fwd+bwd of dropclass_loss captured once (value checks off), replayed on new
     inputs copied into the captured tensors: the replay's loss and gradients match
     the reference on those inputs."""
-    device = _cuda()
+    device = cuda_device()
     x, xd, y, wt, dropped = loss_inputs(2, 5, 16, 16, 64, 64, weight=True, device=device)
     x.requires_grad_(True)
     xd.requires_grad_(True)
@@ -180,7 +171,7 @@ def test_gpu_loss_cuda_graph_capture_replay():
 
 
 def test_gpu_loss_opcheck():
-    device = _cuda()
+    device = cuda_device()
     from debias_ops import fused_loss
     x, xd, y, wt, dropped = loss_inputs(2, 3, 3, 4, 7, 9, weight=True, device=device)
     for need in ((True, True), (True, False), (False, False)):
@@ -222,7 +213,7 @@ REFUSED = re.compile(r"device not supported|not supported on this (device|platfo
 
 
 def test_gpu_compute_sanitizer_memcheck():
-    _cuda()
+    cuda_device()
     tool = find_sanitizer()
     if tool is None:
         pytest.skip("compute-sanitizer not found (PATH, /usr/local/cuda*/bin)")

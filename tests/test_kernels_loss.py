@@ -21,7 +21,7 @@ import torch
 import debias_ops as dops
 from debias_ops import _library
 from debias_ops import reference as ref
-from tests.helpers import TOL, assert_close, kernel_device, make_layout
+from tests.helpers import TOL, assert_close, cuda_device, kernel_device, make_layout
 
 F32 = TOL[torch.float32]
 
@@ -304,18 +304,13 @@ def test_compile_fullgraph_cpu():
 
 # ----------------------------------------------------------------------------- GPU only
 
-def _cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return torch.device("cuda")
-
 
 @pytest.mark.gpu
 @pytest.mark.kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_cityscapes_parity(dtype):
     """B=2 of the benchmark shape: K=19, 128×256 logits, 512×1024 labels."""
-    dev = _cuda()
+    dev = cuda_device()
     x, xd, y, wt, dropped = _inputs(2, 19, 128, 256, 512, 1024, dtype=dtype, weight=True, device=dev)
     # the CE gradients scale as 1/(1M weighted pixels): a loss gradient of 1e5 makes them O(1e-1),
     # where the fixed atol of helpers.TOL no longer hides a wrong gradient
@@ -325,7 +320,7 @@ def test_gpu_cityscapes_parity(dtype):
 @pytest.mark.gpu
 def test_gpu_compile_and_memory():
     """torch.compile(fullgraph) through the Triton op; peak extra memory ≪ eager reference."""
-    dev = _cuda()
+    dev = cuda_device()
     from debias_ops import fused_loss
     x, xd, y, wt, dropped = _inputs(8, 19, 128, 256, 512, 1024, device=dev)
 

@@ -27,7 +27,7 @@ import torch
 import debias_ops as dops
 from debias_ops import reference as ref
 
-from .helpers import TOL, assert_close, kernel_device, make_layout
+from .helpers import TOL, assert_close, cuda_device, kernel_device, make_layout
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # "cropped" is a view whose H and W do not merge into one stride (the kernel's
@@ -396,19 +396,11 @@ def test_suppress_of_linear_head_is_class_drop():
 
 # ----------------------------------------------------------------------------- GPU only
 
-def _cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("GPU tests run without the interpreter")
-    pytest.importorskip("triton")
-    return torch.device("cuda")
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gpu_compile_fullgraph_fwd_bwd(layout):
-    device = _cuda()
+    device = cuda_device()
     from debias_ops import fused_selection as fs
     feats = _feats((2, 40, 9, 13), torch.bfloat16, layout, device)
     weight = torch.randn(5, 40, device=device, requires_grad=True)
@@ -431,7 +423,7 @@ def test_gpu_compile_fullgraph_fwd_bwd(layout):
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_replay():
-    device = _cuda()
+    device = cuda_device()
     feats = torch.randn(4, 48, 16, 16, device=device, dtype=torch.bfloat16).requires_grad_(True)
     weight = torch.randn(6, 48, device=device, requires_grad=True)
     logits = torch.randn(4, 6, 16, 16, device=device)
@@ -474,7 +466,7 @@ def test_gpu_cuda_graph_capture_replay():
 
 @pytest.mark.gpu
 def test_gpu_opcheck():
-    device = _cuda()
+    device = cuda_device()
     from debias_ops import fused_selection as fs
     for layout in ("contiguous", "channels_last"):
         a = _feats((2, 24, 5, 7), torch.float32, layout, device)
@@ -492,7 +484,7 @@ def test_gpu_peak_memory_w48(op, dtype):
     """fwd+bwd at W48 (B 8, C 720, 128×256, K 19): peak extra memory ≤ 2.2·|A|
     (SPEC §8: the output and dA, nothing else N-sized). suppress includes the
     moments pass, so this also checks kernels/moments.py allocates nothing N-sized."""
-    device = _cuda()
+    device = cuda_device()
     B, C, H, W, K = 8, 720, 128, 256, 19
     feats = torch.randn(B, C, H, W, device=device, dtype=dtype).requires_grad_(True)
     weight = torch.randn(K, C, device=device, requires_grad=True)
@@ -526,7 +518,7 @@ def _close_on_device(actual, expected, name):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gpu_more_than_2_31_elements(layout):
     """bf16 tensors of 2^31 + 11776 elements: every offset past 2^31 must be int64."""
-    device = _cuda()
+    device = cuda_device()
     B, C, H, W, K = 2, 2, 1024, 524291, 3
     if torch.cuda.get_device_properties(device).total_memory < 40 * 2**30:
         pytest.skip("needs ~20 GiB of GPU memory")
