@@ -84,6 +84,9 @@ CELLS: Dict[str, tuple] = {
 # Diagnostics, named as such and reported apart (not cells of the grid; see the README's disclosure)
 DIAGNOSTICS: Dict[str, tuple] = {
     "diag: alpha=0": (sb.Method(alpha=0.0), 1),   # the drop branch's CE only: what does the suppression term cost?
+    # the central cell from a pre-trained backbone (sb.pretrain_backbone, S steps), against a baseline
+    # pre-trained the same way: does DropClass need pre-trained features?
+    "diag: pretrained": (sb.Method(alpha=1.0, pretrain=S), 1),
 }
 
 
@@ -102,9 +105,16 @@ def run_path(out: Path, job: Job) -> Path:
     return Path(out) / "runs" / slug(job.data) / f"{slug(job.cell)}@{job.steps}" / f"seed{job.seed}.json"
 
 
+def baseline_of(cell: str) -> str:
+    """The baseline a cell compares with: "baseline", or "baseline-pretrain<N>" for a pre-trained cell."""
+    n = {**CELLS, **DIAGNOSTICS}[cell][0].pretrain
+    return f"baseline-pretrain{n}" if n else "baseline"
+
+
 def method_of(cell: str) -> sb.Method:
-    if cell == "baseline":
-        return sb.BASELINE
+    if cell.startswith("baseline"):
+        n = cell[len("baseline-pretrain"):] if cell.startswith("baseline-pretrain") else "0"
+        return replace(sb.BASELINE, pretrain=int(n))
     return {**CELLS, **DIAGNOSTICS}[cell][0]
 
 
@@ -114,7 +124,7 @@ def grid_jobs(data: str, cells: Sequence[str], seeds: Sequence[int], short: int)
     jobs = []
     for cell in cells:
         steps = table[cell][1] * short
-        jobs += [Job(data, "baseline", steps, s) for s in seeds] + [Job(data, cell, steps, s) for s in seeds]
+        jobs += [Job(data, baseline_of(cell), steps, s) for s in seeds] + [Job(data, cell, steps, s) for s in seeds]
     return list(dict.fromkeys(jobs))
 
 

@@ -139,7 +139,7 @@ def grid(out: Path, data: str, seeds: Sequence[int], short: int) -> Optional[Dic
     for group, table in (("grid", bg.CELLS), ("diagnostic", bg.DIAGNOSTICS)):
         for name, (_method, mult) in table.items():
             steps = mult * short
-            base = load_runs(out, data, "baseline", steps, seeds)
+            base = load_runs(out, data, bg.baseline_of(name), steps, seeds)
             drop = load_runs(out, data, name, steps, seeds)
             if base is None or drop is None:
                 continue

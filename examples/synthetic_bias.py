@@ -211,6 +211,8 @@ class Method:
     """How a run trains: ``baseline=True`` (plain CE) or DropClass with these settings.
 
     schedule: "paper" (p = t, lam = 1 - t) or "constant" (p = p_const, lam = 1 - p_const).
+    pretrain: steps of backbone pre-training before the run (0: a random backbone), see
+    :func:`pretrain_backbone`.
     """
 
     baseline: bool = False
@@ -219,14 +221,40 @@ class Method:
     p_const: float = 0.5
     importance: str = "weight"
     per_sample: bool = True
+    pretrain: int = 0
 
 
 BASELINE = Method(baseline=True)
 
 
-def build(cfg: Config, method: Method, device) -> nn.Module:
-    """The seeded-by-caller model: the plain Net, or the Net wrapped by ``dops.dropclass``."""
+def pretrain_backbone(net: Net, cfg: Config, seed: int, steps: int, device) -> None:
+    """Stand-in for a pretrained backbone (the paper starts from ImageNet weights).
+
+    Trains ``net`` with plain CE for ``steps`` steps on a related task without the
+    shortcut: images of the same generator (data seed 1000·seed + 7) with bias 0.5
+    (riders and signs on and off the context equally often) and the rider labelled
+    as a sign (the task never asks for the stripe direction). Then the classifier
+    is re-initialised (seeded), so that only the backbone carries over.
+    """
+    from dataclasses import replace
+
+    from examples.train import train_steps
+    x, y = make_split(cfg.n_train, 1000 * seed + 7, replace(cfg, bias=0.5), "train")
+    y = torch.where(y == RARE, torch.full_like(y, SIGN), y)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    train_steps(net, batches((x, y), cfg.batch, seed + 7), steps=steps, optimizer=opt, scheduler=sched,
+                device=device, progress_bar=False, log_every=max(1, min(50, steps)))
+    torch.manual_seed(seed + 11)
+    net.classifier.reset_parameters()
+
+
+def build(cfg: Config, method: Method, device, seed: int = 0) -> nn.Module:
+    """The seeded-by-caller model: the plain Net (pre-trained if ``method.pretrain``), or it wrapped
+    by ``dops.dropclass``."""
     net = Net(cfg.width).to(device)
+    if method.pretrain:
+        pretrain_backbone(net, cfg, seed, method.pretrain, device)
     if method.baseline:
         return net
     return dops.dropclass(net, classifier="classifier", importance=method.importance, alpha=method.alpha,
@@ -264,7 +292,7 @@ def train_run(cfg: Config, method: Method, seed: int, steps: int, *, device="cpu
     device = torch.device(device)
     data = data or splits(cfg, seed)
     torch.manual_seed(seed)  # the same initial weights for every method of a seed
-    model = build(cfg, method, device)
+    model = build(cfg, method, device, seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
     schedule = paper_schedule if method.schedule == "paper" else constant_schedule(method.p_const)
