@@ -74,6 +74,27 @@ def test_grid_shares_baselines_and_is_written_down():
         assert f"`{cell}`" in readme, f"cell {cell!r} is not listed in the README"
 
 
+def test_pretrained_cells_have_their_own_baseline():
+    assert bg.baseline_of("central") == "baseline"
+    name = bg.baseline_of("diag: pretrained")
+    assert name == f"baseline-pretrain{bg.S}" and bg.method_of(name) == sb.Method(baseline=True, pretrain=bg.S)
+    assert bg.method_of("baseline") == sb.BASELINE
+    jobs = bg.grid_jobs(bg.CHOSEN, ["central", "diag: pretrained"], [0], 10)
+    assert {j.cell for j in jobs} == {"baseline", name, "central", "diag: pretrained"}
+
+
+def test_pretrain_backbone_keeps_the_backbone_and_resets_the_classifier():
+    cfg = sb.Config(n_train=32)
+    torch.manual_seed(0)
+    net = sb.Net(cfg.width)
+    before = [p.detach().clone() for p in net.backbone.parameters()]
+    sb.pretrain_backbone(net, cfg, seed=0, steps=2, device="cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.backbone.parameters()))
+    torch.manual_seed(0 + 11)
+    fresh = torch.nn.Conv2d(cfg.width, sb.K, 1)
+    assert torch.equal(net.classifier.weight, fresh.weight) and torch.equal(net.classifier.bias, fresh.bias)
+
+
 def test_tiny_grid_runs_resumes_and_writes(tmp_path, monkeypatch):
     rep = bg.main(["grid", "--cells", "central", "--out", str(tmp_path)] + TINY)
     runs = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*.json"))
