@@ -157,8 +157,8 @@ def test_synthetic_runs(tmp_path):
                   "--val-mode", "conflicting",
                   "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
     log = _log(out)
-    assert log["classes"] == ["background", "road", "rider", "sign", "car"]
-    assert [r["step"] for r in log["train"]] == [1, 2, 3] and len(res["iou"]) == 5
+    assert log["classes"] == ["background", "road", "rider", "sign", "car", "bicycle"]
+    assert [r["step"] for r in log["train"]] == [1, 2, 3] and len(res["iou"]) == 6
     assert log["train"][0]["lr"] == 1e-4 and log["config"]["optimizer"] == "adamw"
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
         T.main(["--data", "synthetic", "--model", "lraspp_mobilenet_v3_large", "--n-train", "8", "--n-val", "4",
