@@ -13,7 +13,7 @@ pytest-benchmark suite (``benchmarks/test_bench.py``).
 Modules: ``shapes`` (SPEC §8 shapes, sweeps), ``byte_model`` (minimal bytes
 and flops: the single source of GB/s, % copy BW, TFLOP/s), ``timing``
 (do_bench / CUDA events / wall clock, peak memory), ``cases`` (inputs and
-implementations, the correctness check), ``run`` (the CLI's run),
+implementations, the correctness check), ``run`` (the CLI's run), ``report`` (fits, table, plots),
 ``train_step`` (the optional DeepLabV3-ResNet50 step), ``gpu_check`` (the stage
 plan and summary of ``scripts/gpu_check.sh``, the one-call check on a lent GPU).
 """

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks import byte_model as bm
 from benchmarks.cases import compare
-from benchmarks.run import fit_line
+from benchmarks.report import fit_line
 from benchmarks.shapes import GPU_SHAPES, Shape
 
 W48, W18s = GPU_SHAPES["W48"], GPU_SHAPES["W18s"]
