@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import reference as _ref
 from . import validation as _v
 
 __all__ = ["ClassOverlap", "class_overlap"]
@@ -54,15 +55,13 @@ def class_overlap(S: torch.Tensor, k: Optional[int] = None) -> ClassOverlap:
     if S.dim() == 4:
         if S.shape[2:] != (1, 1):
             raise ValueError(f"S as a conv weight must be (K, C, 1, 1), got shape {tuple(S.shape)}")
-        S = torch.relu(S.reshape(S.shape[0], S.shape[1]))
+        S = _ref.weight_importance(S, torch.float32)
     K, C = S.shape
     if K < 2 or C < 1:
         raise ValueError(f"S must be (K, C) with K >= 2 classes and C >= 1 channels, got shape {tuple(S.shape)}")
     k = max(1, C // 4) if k is None else _v.check_k(k, C)
     S = S.detach().float()
-    idx = torch.topk(S, k, dim=1).indices
-    top = torch.zeros(K, C, dtype=torch.bool, device=S.device).scatter_(1, idx, True)
-    sets = top & (S > 0)
+    sets = _ref.topk_mask(S, k) & (S > 0)  # the same top-k selection DropClass uses (SPEC §3)
     m = sets.float()
     inter = m @ m.T
     size = m.sum(1)

@@ -23,12 +23,14 @@ import numpy as np
 
 from examples import bias_grid as bg
 from examples import synthetic_bias as sb
+from examples.plots import pyplot
+from examples.train import mean_iou
 
 METRICS = {
     "rider_conflicting": lambda r: 100 * r["iou"]["conflicting"][sb.RARE],
     "rider_ordinary": lambda r: 100 * r["iou"]["ordinary"][sb.RARE],
-    "miou_conflicting": lambda r: 100 * float(np.mean(r["iou"]["conflicting"])),
-    "miou_ordinary": lambda r: 100 * float(np.mean(r["iou"]["ordinary"])),
+    "miou_conflicting": lambda r: 100 * mean_iou(r["iou"]["conflicting"]),
+    "miou_ordinary": lambda r: 100 * mean_iou(r["iou"]["ordinary"]),
     "overlap": lambda r: r["overlap"]["mean"],
 }
 
@@ -179,16 +181,9 @@ def grid(out: Path, data: str, seeds: Sequence[int], short: int) -> Optional[Dic
 
 # ----------------------------------------------------------------------------- plots
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_deltas(report: Dict, path: Path) -> None:
     """Δ rider IoU per cell with its 95% interval, both splits."""
-    plt = _pyplot()
+    plt = pyplot()
     cells = report["cells"]
     y = np.arange(len(cells))
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(cells) + 1.4))
@@ -215,7 +210,7 @@ def plot_overlap(out: Path, data: str, short: int, path: Path, seed: int = 0, ce
     runs = [load_runs(out, data, c, steps, [seed]) for c in ("baseline", cell)]
     if any(r is None for r in runs):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8.8, 4.0))
     for ax, (title, rr) in zip(axes, (("baseline", runs[0][0]), (f"DropClass ({cell})", runs[1][0]))):
         m = np.array(rr["overlap"]["matrix"])

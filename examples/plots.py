@@ -27,7 +27,7 @@ def run_label(log: Dict, run_dir) -> str:
     return f"{kind} ({Path(run_dir).name})"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -44,7 +44,7 @@ def _smooth(y: np.ndarray, n: int) -> np.ndarray:
 
 def plot_curves(logs: Sequence[Dict], labels: Sequence[str], path: Path) -> None:
     """Loss, CE, suppression term, learning rate and mIoU against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for log, label in zip(logs, labels):
         rows = log["train"]
@@ -69,7 +69,7 @@ def plot_curves(logs: Sequence[Dict], labels: Sequence[str], path: Path) -> None
 
 def plot_iou(logs: Sequence[Dict], labels: Sequence[str], path: Path) -> None:
     """Per-class IoU of each run's last evaluation, grouped bars (mIoU in the legend)."""
-    plt = _pyplot()
+    plt = pyplot()
     classes = logs[0]["classes"]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(classes) * max(1, len(logs))), 3.8))
     x = np.arange(len(classes))
