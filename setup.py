@@ -13,8 +13,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["debias_ops", "debias_ops.kernels"],
+    packages=["debias_ops", "debias_ops.kernels", "debias_ops.recipe"],
     package_dir={"debias_ops": "debias_ops", "debias_ops.kernels": "kernels"},
+    entry_points={"console_scripts": ["debias-ops-train = debias_ops.recipe.cli:entry"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

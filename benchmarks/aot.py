@@ -142,8 +142,6 @@ def _fake_h100():
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from debias_ops import _backend as be
-    be.load_kernels()
     from debias_ops.kernels import gate, moments
     saved = (gate._sm_count, moments._num_sms, torch.cuda.device)
     gate._sm_count = lambda index: H100_SMS
@@ -200,8 +198,6 @@ def dry_run(case: str, body) -> list[Launch]:
 def _cases() -> dict:
     import torch
 
-    from debias_ops import _backend as be
-    be.load_kernels()
     from debias_ops.kernels import gate as g
     from debias_ops.kernels import loss as lo
     from debias_ops.kernels import moments as mo

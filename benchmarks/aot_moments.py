@@ -50,8 +50,6 @@ VARIANTS = {
 def variant_launches(name: str):
     import torch
 
-    from debias_ops import _backend
-    _backend.load_kernels()
     from debias_ops.kernels import moments as m
     da, dl, cl, W, kw = VARIANTS[name]
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -19,8 +19,6 @@ import functools
 import importlib
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -70,34 +68,3 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "the process starts (the Triton interpreter); or move the tensors to CUDA"
         )
     return True
-
-
-def load_kernels():
-    """Import ``debias_ops.kernels`` (needs triton).
-
-    Installed, the kernels are the subpackage ``debias_ops.kernels`` (setup.py
-    maps ``kernels/`` there). In a source checkout that is not installed, the
-    same directory ``kernels/`` beside this package is loaded under that name.
-    """
-    name = "debias_ops.kernels"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-    src = Path(__file__).resolve().parent.parent / "kernels"
-    spec = importlib.util.spec_from_file_location(
-        name, src / "__init__.py", submodule_search_locations=[str(src)]
-    )
-    if spec is None or spec.loader is None:  # pragma: no cover
-        raise ImportError(f"cannot find the kernels package (looked in {src})")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module

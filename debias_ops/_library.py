@@ -10,8 +10,6 @@ SPEC §9), and launches the kernels otherwise (CUDA, or CPU under
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from . import _backend
@@ -30,12 +28,6 @@ def wrap():
     under the interpreter, which torch.compile cannot trace anyway (SPEC §9) and
     which older torch versions' ``wrap_triton`` rejects."""
     return torch.library.wrap_triton if (HAS_TRITON_OP and not _backend.interpreting()) else None
-
-
-def kernel_module(name: str):
-    """``debias_ops.kernels.<name>`` (imports triton; see ``_backend.load_kernels``)."""
-    _backend.load_kernels()
-    return importlib.import_module(f"debias_ops.kernels.{name}")
 
 
 def define(name: str, fn, fake):

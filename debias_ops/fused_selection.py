@@ -60,7 +60,8 @@ def _batch_moments_impl(feats: torch.Tensor, class_logits: torch.Tensor) -> Tupl
     if _use_reference(feats):
         a_mean, l_mean, G, X = _ref.batch_moments(feats, class_logits)
     else:
-        a_mean, l_mean, G, X = _library.kernel_module("moments").batch_moments(feats, class_logits, wrap=_library.wrap())
+        from debias_ops.kernels import moments  # imports triton: only when a kernel runs
+        a_mean, l_mean, G, X = moments.batch_moments(feats, class_logits, wrap=_library.wrap())
     return a_mean, l_mean, G, X
 
 
@@ -80,7 +81,8 @@ def _gate_apply_impl(feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if _use_reference(feats):
         return _ref.apply_gate(feats, gate.float())
     out = _empty_like_format(feats.shape, feats.dtype, feats.device, _channels_last(feats))
-    _library.kernel_module("gate").launch_gate(feats, gate, out, wrap=_library.wrap())
+    from debias_ops.kernels import gate as gate_kernels  # imports triton: only when a kernel runs
+    gate_kernels.launch_gate(feats, gate, out, wrap=_library.wrap())
     return out
 
 
@@ -103,7 +105,8 @@ def _gate_backward_impl(grad: torch.Tensor, gate: torch.Tensor, feats: torch.Ten
         dg = (d32 * feats.float()).sum(dim=(2, 3)) if need_dg else gate.new_empty(0, dtype=torch.float32)
         return dA, dg
     dA = _empty_like_format(grad.shape, grad.dtype, grad.device, channels_last) if need_da else None
-    partial = _library.kernel_module("gate").launch_gate(grad, gate, dA, feats if need_dg else None, wrap=_library.wrap())
+    from debias_ops.kernels import gate as gate_kernels  # imports triton: only when a kernel runs
+    partial = gate_kernels.launch_gate(grad, gate, dA, feats if need_dg else None, wrap=_library.wrap())
     dg = partial.sum(dim=0) if need_dg else gate.new_empty(0, dtype=torch.float32)
     return (dA if need_da else grad.new_empty(0)), dg
 

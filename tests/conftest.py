@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 # Tests run against the source tree (the repository root first on sys.path);
-# `debias_ops` itself loads `kernels/` as `debias_ops.kernels` when needed.
+# `debias_ops/kernels` is a link to `kernels/`, so `debias_ops.kernels` imports here as
+# it does installed (setup.py maps `kernels/` to that name).
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -1,4 +1,4 @@
-"""The training recipe (examples/train.py): end to end on a miniature Cityscapes, resume,
+"""The training recipe (debias_ops/recipe/loop.py): end to end on a miniature Cityscapes, resume,
 torchrun with 2 gloo ranks, the synthetic data, the clear errors, train_steps / evaluate.
 
 Everything runs on CPU with tiny models and no downloaded weights (smp FPN/resnet18,
@@ -20,8 +20,9 @@ pytest.importorskip("torchvision")
 pytest.importorskip("torchmetrics")
 pytest.importorskip("cityscapesscripts")
 
-from examples import data as D  # noqa: E402
-from examples import train as T  # noqa: E402
+from debias_ops.recipe import cli  # noqa: E402
+from debias_ops.recipe import data as D  # noqa: E402
+from debias_ops.recipe import loop as T  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 H, W = 64, 128
@@ -103,7 +104,7 @@ def test_cityscapes_masks_are_train_ids(tmp_path):
 def test_cityscapes_end_to_end_then_resume(tmp_path):
     root = make_cityscapes(tmp_path / "cs")
     out = tmp_path / "run"
-    res = T.main(cityscapes_args(root, out, "--dropclass", "--steps", "4", "--log-every", "2", "--ckpt-every", "2",
+    res = cli.main(cityscapes_args(root, out, "--dropclass", "--steps", "4", "--log-every", "2", "--ckpt-every", "2",
                                  "--eval-every", "2"))
     for name in ("checkpoint.pt", "log.json", "train_log.csv", "eval.csv", "curves.png", "iou.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -120,7 +121,7 @@ def test_cityscapes_end_to_end_then_resume(tmp_path):
     assert (out / "train_log.csv").read_text().count("\n") == 1 + 4
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 4
 
-    res = T.main(cityscapes_args(root, out, "--dropclass", "--steps", "6", "--log-every", "2", "--ckpt-every", "2",
+    res = cli.main(cityscapes_args(root, out, "--dropclass", "--steps", "6", "--log-every", "2", "--ckpt-every", "2",
                                  "--eval-every", "2", "--resume"))
     log = _log(out)
     assert [r["step"] for r in log["train"]] == [1, 2, 3, 4, 5, 6]
@@ -134,25 +135,25 @@ def test_cityscapes_end_to_end_then_resume(tmp_path):
     # model, optimizer, scheduler, data order, augmentation and drop RNG all restored
     split = tmp_path / "split"
     common = ("--dropclass", "--steps", "4", "--log-every", "2", "--ckpt-every", "2", "--eval-every", "2")
-    T.main(cityscapes_args(root, split, *common, "--stop-after", "2"))
+    cli.main(cityscapes_args(root, split, *common, "--stop-after", "2"))
     assert torch.load(split / "checkpoint.pt", weights_only=False)["step"] == 2 and len(_log(split)["train"]) == 2
-    T.main(cityscapes_args(root, split, *common, "--resume"))
+    cli.main(cityscapes_args(root, split, *common, "--resume"))
     assert _log(split)["train"] == log["train"][:4]
     assert _log(split)["eval"] == log["eval"][:2]
 
     with pytest.raises(ValueError, match="other settings.*dropclass True vs False"):
-        T.main(cityscapes_args(root, out, "--steps", "8", "--log-every", "2", "--ckpt-every", "2", "--resume"))
+        cli.main(cityscapes_args(root, out, "--steps", "8", "--log-every", "2", "--ckpt-every", "2", "--resume"))
 
     # baseline vs DropClass: a second run and the comparison plots
     base = tmp_path / "base"
-    T.main(cityscapes_args(root, base, "--steps", "2", "--log-every", "2", "--ckpt-every", "2"))
-    paths = T.main(["plot", "--runs", str(base), str(out), "--out", str(tmp_path / "cmp")])
+    cli.main(cityscapes_args(root, base, "--steps", "2", "--log-every", "2", "--ckpt-every", "2"))
+    paths = cli.main(["plot", "--runs", str(base), str(out), "--out", str(tmp_path / "cmp")])
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
 
 
 def test_synthetic_runs(tmp_path):
     out = tmp_path / "syn"
-    res = T.main(["--data", "synthetic", "--model", "lraspp_mobilenet_v3_large", "--n-train", "16", "--n-val", "8",
+    res = cli.main(["--data", "synthetic", "--model", "lraspp_mobilenet_v3_large", "--n-train", "16", "--n-val", "8",
                   "--steps", "3", "--batch", "4", "--log-every", "1", "--ckpt-every", "3", "--optimizer", "adamw",
                   "--val-mode", "conflicting",
                   "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
@@ -161,7 +162,7 @@ def test_synthetic_runs(tmp_path):
     assert [r["step"] for r in log["train"]] == [1, 2, 3] and len(res["iou"]) == 6
     assert log["train"][0]["lr"] == 1e-4 and log["config"]["optimizer"] == "adamw"
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
-        T.main(["--data", "synthetic", "--model", "lraspp_mobilenet_v3_large", "--n-train", "8", "--n-val", "4",
+        cli.main(["--data", "synthetic", "--model", "lraspp_mobilenet_v3_large", "--n-train", "8", "--n-val", "4",
                 "--steps", "1", "--device", "cpu", "--sync-bn", "--out", str(tmp_path / "x")])
 
 
@@ -170,7 +171,7 @@ def test_torchrun_two_ranks(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "examples.train", "--data", "synthetic", "--model", "lraspp_mobilenet_v3_large",
+           "-m", "debias_ops.recipe", "--data", "synthetic", "--model", "lraspp_mobilenet_v3_large",
            "--dropclass", "--n-train", "16", "--n-val", "6", "--steps", "3", "--batch", "2",
            "--log-every", "1", "--ckpt-every", "3", "--workers", "0", "--device", "cpu", "--no-progress",
            "--out", str(out)]
@@ -194,12 +195,12 @@ def test_missing_folder_says_which_and_the_layout(tmp_path, monkeypatch):
     root = tmp_path / "cs"
     (root / "leftImg8bit" / "train" / "aachen").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"missing folder .*gtFine/train.*_gtFine_labelIds\.png"):
-        T.main(cityscapes_args(root, tmp_path / "run", "--steps", "1"))
+        cli.main(cityscapes_args(root, tmp_path / "run", "--steps", "1"))
     with pytest.raises(FileNotFoundError, match=r"nowhere.* is not a folder; expected the layout"):
-        T.main(cityscapes_args(tmp_path / "nowhere", tmp_path / "run", "--steps", "1"))
+        cli.main(cityscapes_args(tmp_path / "nowhere", tmp_path / "run", "--steps", "1"))
     # the command line ends with that one line, no traceback
-    from examples.train_cli import entry
-    monkeypatch.setattr(sys, "argv", ["examples.train", *cityscapes_args(root, tmp_path / "run", "--steps", "1")])
+    from debias_ops.recipe.cli import entry
+    monkeypatch.setattr(sys, "argv", ["debias_ops.recipe", *cityscapes_args(root, tmp_path / "run", "--steps", "1")])
     with pytest.raises(SystemExit) as exc:
         entry()
     assert str(exc.value.code).startswith("error: missing folder")
@@ -208,7 +209,7 @@ def test_missing_folder_says_which_and_the_layout(tmp_path, monkeypatch):
 def test_label_out_of_range_says_so(tmp_path):
     root = make_cityscapes(tmp_path / "cs", bad_id=40)
     with pytest.raises(ValueError, match=r"label IDs \[40\] are outside the Cityscapes label table \(0\.\.33\)"):
-        T.main(cityscapes_args(root, tmp_path / "run", "--steps", "1"))
+        cli.main(cityscapes_args(root, tmp_path / "run", "--steps", "1"))
 
 
 # ----------------------------------------------------------------------------- the loop's API

@@ -1,6 +1,6 @@
-"""Command line of the training recipe: ``python -m examples.train [plot] ...`` (see examples/train.py).
+"""Command line of the training recipe: ``python -m debias_ops.recipe [plot] ...`` (see debias_ops/recipe/loop.py).
 
-A thin layer on :func:`examples.train.train_steps` and :func:`examples.train.evaluate`:
+A thin layer on :func:`debias_ops.recipe.train_steps` and :func:`debias_ops.recipe.evaluate`:
 builds data, model (optionally wrapped by ``dops.dropclass``), optimiser and poly LR,
 runs under torchrun when launched by it, evaluates, checkpoints, logs and plots.
 
@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 import debias_ops as dops
-from examples import data as D
-from examples import train_runtime as R
-from examples.train import evaluate, mean_iou, paper_schedule, train_steps, unwrap
+from debias_ops.recipe import data as D
+from debias_ops.recipe import runtime as R
+from debias_ops.recipe.loop import evaluate, mean_iou, paper_schedule, train_steps, unwrap
 
 DEFAULT_LR = {"sgd": 0.01, "adamw": 1e-4}
 DEFAULT_WD = {"sgd": 1e-4, "adamw": 1e-2}
@@ -33,7 +33,7 @@ RESUME_SAME = ("data", "model", "encoder", "aux_loss", "dropclass", "importance"
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m examples.train", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m debias_ops.recipe", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = ap.add_argument_group("data")
     g.add_argument("--data", choices=("cityscapes", "synthetic"), default="cityscapes")
@@ -184,7 +184,7 @@ def _run(args, info: R.DistInfo) -> Dict:
                 desc="DropClass" if args.dropclass else "baseline")
     iou = state["iou"]
     if info.main:
-        from examples.plots import plot_runs
+        from debias_ops.recipe.plots import plot_runs
         plot_runs([out], out)
         say("per-class IoU (%): " + ", ".join(f"{c} {100 * v:.1f}" for c, v in zip(classes, iou)))
         say(f"mIoU {100 * mean_iou(iou):.2f}; wrote {out}/(checkpoint.pt, log.json, train_log.csv, eval.csv, "
@@ -195,7 +195,7 @@ def _run(args, info: R.DistInfo) -> Dict:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plot"]:
-        from examples.plots import main as plot_main
+        from debias_ops.recipe.plots import main as plot_main
         return plot_main(argv[1:])
     ap = parser()
     args = ap.parse_args(argv)

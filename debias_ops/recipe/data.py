@@ -1,4 +1,4 @@
-"""Datasets, transforms and batch streams for the training recipe (examples/train.py).
+"""Datasets, transforms and batch streams for the training recipe (debias_ops/recipe/loop.py).
 
 * Cityscapes in its standard layout, read by ``torchvision.datasets.Cityscapes``
   (mode="fine", target_type="semantic")::
@@ -9,8 +9,8 @@
   Label IDs are mapped to the 19 train IDs with Cityscapes' own label table
   (``cityscapesscripts.helpers.labels``); every other ID becomes 255 (ignored).
   A mask holding an ID outside the table raises a ValueError naming the file.
-* The synthetic co-occurrence task of ``examples/synthetic_bias.py``
-  (its ``make_split`` and ``Config``, imported, not copied).
+* The generated scenes of :mod:`debias_ops.recipe.scenes` (a co-occurrence
+  shortcut by construction; the debiasing study trains on them too).
 
 Training augmentation (applied jointly to image and mask with
 ``torchvision.transforms.v2``, the mask as a ``tv_tensors.Mask`` so it is resized
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
+
+from . import scenes
 
 IGNORE = 255
 MEAN = (0.485, 0.456, 0.406)
@@ -159,19 +161,18 @@ class TensorSegmentation(Dataset):
 
 def synthetic_datasets(n_train: Optional[int] = None, n_val: Optional[int] = None, seed: int = 0,
                        val_mode: str = "ordinary"):
-    """(train, val, class names) from examples.synthetic_bias (train split vs its `val_mode` test split)."""
+    """(train, val, class names) from :mod:`debias_ops.recipe.scenes` (train split vs its `val_mode` test split)."""
     from dataclasses import replace
 
-    from examples import synthetic_bias as sb
-    cfg = sb.Config()
+    cfg = scenes.Config()
     if n_train is not None:
         cfg = replace(cfg, n_train=n_train)
     if n_val is not None:
         cfg = replace(cfg, n_test=n_val)
-    train = TensorSegmentation(*sb.make_split(cfg.n_train, 1000 * seed + 1, cfg, "train"), flip=True)
-    offset = {"ordinary": 2, "conflicting": 3}[val_mode]  # the data seeds of the synthetic benchmark
-    val = TensorSegmentation(*sb.make_split(cfg.n_test, 1000 * seed + offset, cfg, val_mode))
-    return train, val, list(sb.CLASSES)
+    train = TensorSegmentation(*scenes.make_split(cfg.n_train, 1000 * seed + 1, cfg, "train"), flip=True)
+    offset = {"ordinary": 2, "conflicting": 3}[val_mode]  # the data seeds of scenes.splits
+    val = TensorSegmentation(*scenes.make_split(cfg.n_test, 1000 * seed + offset, cfg, val_mode))
+    return train, val, list(scenes.CLASSES)
 
 
 # ----------------------------------------------------------------------------- loaders and batch streams

@@ -1,4 +1,4 @@
-"""Statistics, tables and plots of examples/bias_grid.py's runs.
+"""Statistics, tables and plots of study/bias_grid.py's runs.
 
 Every DropClass cell is compared with the baseline of the same length on the
 same seeds (same data, initial weights and batches), so the comparison is
@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from examples import bias_grid as bg
-from examples import synthetic_bias as sb
-from examples.plots import pyplot
-from examples.train import mean_iou
+from debias_ops.recipe.loop import mean_iou
+from debias_ops.recipe.plots import pyplot
+from study import bias_grid as bg
+from study import synthetic_bias as sb
 
 METRICS = {
     "rider_conflicting": lambda r: 100 * r["iou"]["conflicting"][sb.RARE],

@@ -1,14 +1,14 @@
 """The training recipe: torchvision / smp segmentation models, with or without DropClass.
 
-    python -m examples.train --data cityscapes --root /data/cityscapes --model deeplabv3_resnet50 \\
+    python -m debias_ops.recipe --data cityscapes --root /data/cityscapes --model deeplabv3_resnet50 \\
         --steps 40000 --batch 8 --crop 512 1024 --dropclass --out runs/dc
-    torchrun --nproc_per_node 8 -m examples.train ... --sync-bn       # several GPUs / nodes
-    python -m examples.train --data synthetic --model Unet --encoder resnet18 --steps 300 --out runs/syn
-    python -m examples.train plot --runs runs/base runs/dc --out runs/compare   # baseline vs DropClass
+    torchrun --nproc_per_node 8 -m debias_ops.recipe ... --sync-bn       # several GPUs / nodes
+    python -m debias_ops.recipe --data synthetic --model Unet --encoder resnet18 --steps 300 --out runs/syn
+    python -m debias_ops.recipe plot --runs runs/base runs/dc --out runs/compare   # baseline vs DropClass
 
 This module holds the project's one training loop: :func:`train_steps` and
-:func:`evaluate` (the synthetic debiasing benchmark calls them too); the CLI
-(:func:`main`, in examples/train_cli.py) is a thin layer on them.
+:func:`evaluate` (the debiasing study calls them too); the command line
+(:mod:`debias_ops.recipe.cli`) is a thin layer on them.
 
 * ``train_steps`` runs SGD steps on a DropClass model (``dops.dropclass``:
   ``model(x, y, progress=t, p=p, lam=lam)`` returns the loss) or a plain model
@@ -154,7 +154,7 @@ def train_steps(
                 images, target = next(batches)
             except StopIteration:
                 raise ValueError(f"batches ran out after {step - start_step} of {steps} steps: pass an endless "
-                                 "iterator (examples.data.batch_stream) or enough batches") from None
+                                 "iterator (debias_ops.recipe.data.batch_stream) or enough batches") from None
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             t = dops.progress(step, total)
@@ -217,14 +217,3 @@ def mean_iou(iou: np.ndarray) -> float:
     """mIoU over the classes present (NaN entries skipped)."""
     iou = np.asarray(iou, dtype=np.float64)
     return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-
-
-def main(argv=None):
-    """``python -m examples.train ...``: the CLI (examples/train_cli.py)."""
-    from examples.train_cli import main as cli_main
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    from examples.train_cli import entry
-    entry()

@@ -1,6 +1,6 @@
 """The recipe's plumbing: models, optimiser and poly LR, torchrun / DDP, checkpoints, JSON + CSV logs.
 
-Used by the CLI (examples/train_cli.py); the loop itself is examples/train.py.
+Used by the CLI (debias_ops/recipe/cli.py); the loop itself is debias_ops/recipe/loop.py.
 """
 from __future__ import annotations
 

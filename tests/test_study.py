@@ -1,4 +1,4 @@
-"""The synthetic debiasing benchmark (examples/synthetic_bias.py, bias_grid.py, bias_report.py):
+"""The synthetic debiasing benchmark (study/synthetic_bias.py, bias_grid.py, bias_report.py):
 its data, its statistics, and a tiny grid that runs, resumes and writes its files (seconds).
 Nothing here asserts that DropClass helps."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sb = pytest.importorskip("examples.synthetic_bias")
-bg = pytest.importorskip("examples.bias_grid")
-br = pytest.importorskip("examples.bias_report")
+sb = pytest.importorskip("study.synthetic_bias")
+bg = pytest.importorskip("study.bias_grid")
+br = pytest.importorskip("study.bias_report")
 pytest.importorskip("scipy")
 
 TINY = ["--steps", "3", "--seeds", "2", "--n-train", "64", "--n-test", "16", "--no-progress"]

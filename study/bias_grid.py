@@ -1,10 +1,10 @@
-"""When does DropClass help? The calibration and the pre-registered grid on examples/synthetic_bias.py.
+"""When does DropClass help? The calibration and the pre-registered grid on study/synthetic_bias.py.
 
-    python -m examples.bias_grid calibrate --jobs 2   # baseline only: pick the data (CPU, ~4 min)
-    python -m examples.bias_grid grid --jobs 2        # the grid below on CHOSEN (CPU, 2 cores: see the README)
-    python -m examples.bias_grid grid --jobs 2 --data bicycle-b98   # ... on SECOND
-    python -m examples.bias_grid grid --device cuda   # the same grid through the fused kernels
-    python -m examples.bias_grid report               # tables and plots from the runs on disk
+    python -m study.bias_grid calibrate --jobs 2   # baseline only: pick the data (CPU, ~4 min)
+    python -m study.bias_grid grid --jobs 2        # the grid below on CHOSEN (CPU, 2 cores: see the README)
+    python -m study.bias_grid grid --jobs 2 --data bicycle-b98   # ... on SECOND
+    python -m study.bias_grid grid --device cuda   # the same grid through the fused kernels
+    python -m study.bias_grid report               # tables and plots from the runs on disk
 
 **Calibration (baseline only, before any DropClass run).** The plain
 cross-entropy baseline is trained on each candidate data setting of
@@ -13,7 +13,7 @@ rare-class (rider) IoU is ≥ 60 on the ordinary split and ≥ 20 points lower o
 conflicting split (means over seeds). Rule fixed beforehand: the grid uses the
 first qualifying setting in ``DATA``'s order (the order goes from the fewest
 changes to the default data to the most). ``CHOSEN`` records the pick;
-examples/results/calibration.md the numbers. The calibration found a
+study/results/calibration.md the numbers. The calibration found a
 qualifying setting of the second bias type too (the rider's context is a
 bicycle, another class's object: the paper's motivating case); decided after
 the calibration and before any DropClass run, the grid also runs on the first
@@ -51,7 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
-from examples import synthetic_bias as sb
+from study import synthetic_bias as sb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 S = 300  # the short training length
@@ -65,7 +65,7 @@ DATA: Dict[str, sb.Config] = {
     "b98-rare0.1": sb.Config(bias=0.98, rare_p=0.1),            # a rarer rider
     "bicycle-b98": sb.Config(bias=0.98, context="bicycle"),     # context = another class's object
 }
-# The calibration's picks (examples/results/calibration.md), fixed before any DropClass run:
+# The calibration's picks (study/results/calibration.md), fixed before any DropClass run:
 CHOSEN = "b95-stripe0.3"  # the first qualifying setting (context: the road)
 SECOND = "bicycle-b98"    # the first qualifying setting whose context is a bicycle
 GRID_DATA = (CHOSEN, SECOND)
@@ -177,7 +177,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, *, n_jobs: int = 1, device: str = "
 # ----------------------------------------------------------------------------- CLI
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m examples.bias_grid", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m study.bias_grid", description=__doc__.split("\n")[0])
     ap.add_argument("what", choices=("calibrate", "grid", "report"))
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per cell (default 5)")
     ap.add_argument("--steps", type=int, default=S, help=f"the short length S (default {S})")
@@ -194,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    from examples import bias_report as br
+    from study import bias_report as br
 
     args = parser().parse_args(argv)
     if args.data not in DATA:

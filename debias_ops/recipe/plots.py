@@ -1,6 +1,6 @@
 """PNGs of a run's training curves and per-class IoU; several runs (baseline vs DropClass) side by side.
 
-    python -m examples.train plot --runs runs/base runs/dc [--out runs/compare]
+    python -m debias_ops.recipe plot --runs runs/base runs/dc [--out runs/compare]
 
 Reads each run's log.json (written by the recipe); writes curves.png and iou.png.
 """
@@ -17,7 +17,7 @@ import numpy as np
 def load_run(run_dir) -> Dict:
     path = Path(run_dir) / "log.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no log.json in {str(run_dir)!r}: pass a folder written by python -m examples.train")
+        raise FileNotFoundError(f"no log.json in {str(run_dir)!r}: pass a folder written by python -m debias_ops.recipe")
     return json.loads(path.read_text())
 
 
@@ -111,7 +111,7 @@ def plot_runs(run_dirs: Sequence, out, labels: Optional[List[str]] = None) -> Li
 
 
 def main(argv=None) -> List[Path]:
-    ap = argparse.ArgumentParser(prog="python -m examples.train plot",
+    ap = argparse.ArgumentParser(prog="python -m debias_ops.recipe plot",
                                  description="Plot training curves and per-class IoU of one or more runs.")
     ap.add_argument("--runs", nargs="+", required=True, help="run folders (each with a log.json)")
     ap.add_argument("--out", default=None, help="output folder (default: the first run's folder for one run, "

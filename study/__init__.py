@@ -1,0 +1,1 @@
+"""The debiasing study: does DropClass debias a segmentation network? (see README.md here)."""
