@@ -2,7 +2,7 @@
 
 The kernels live in ``kernels/`` in the source tree but are installed as
 ``debias_ops.kernels``: a bare top-level ``kernels`` package would clash with
-another PyPI distribution of that name (SPEC §7).
+another PyPI distribution of that name (design §7).
 """
 from setuptools import setup
 

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks`` (or ``make bench``) measures the device's copy
 bandwidth, then checks and times every op (suppress, class_drop,
-dropclass_loss, a DropClass head step) at SPEC §8's shapes against the eager
+dropclass_loss, a DropClass head step) at design §8's shapes against the eager
 reference and ``torch.compile(reference)``, sweeps N / C / B, prints a
 roofline table and writes JSON + PNG plots under ``benchmarks/results/``.
 Without a GPU it runs a small CPU mode instead. See ``benchmarks/METHOD.md``.
@@ -10,7 +10,7 @@ Without a GPU it runs a small CPU mode instead. See ``benchmarks/METHOD.md``.
 ``pytest benchmarks/ --benchmark-only`` runs the same cases as a
 pytest-benchmark suite (``benchmarks/test_bench.py``).
 
-Modules: ``shapes`` (SPEC §8 shapes, sweeps), ``byte_model`` (minimal bytes
+Modules: ``shapes`` (design §8 shapes, sweeps), ``byte_model`` (minimal bytes
 and flops: the single source of GB/s, % copy BW, TFLOP/s), ``timing``
 (do_bench / CUDA events / wall clock, peak memory), ``cases`` (inputs and
 implementations, the correctness check), ``run`` (the CLI's run), ``report`` (fits, table, plots),

@@ -1,5 +1,5 @@
 """Compile every Triton kernel of debias_ops for sm_90 (H100) without a GPU, at
-exactly the configurations the launchers pick at SPEC §8's shapes, and report
+exactly the configurations the launchers pick at design §8's shapes, and report
 what the compiler did.
 
     python -m benchmarks.aot [--list] [case-substring ...]
@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
 H100_SMS = 132
 SMEM_LIMIT = 227 * 1024  # sm_90 max dynamic shared memory per block (bytes)
 
-# SPEC §8 shapes
+# design §8 shapes
 W48 = dict(B=8, C=720, H=128, W=256, K=19)
 W18S = dict(B=12, C=270, H=128, W=256, K=19)
 LOSS = dict(B=8, K=19, h=128, w=256, H=512, W=1024)
@@ -210,7 +210,7 @@ def _cases() -> dict:
         fmt = torch.channels_last if cl else torch.contiguous_format
         return torch.empty(s["B"], C, s["H"], s["W"], dtype=dtype, device="cuda", memory_format=fmt)
 
-    # gate (SPEC §3): forward apply (suppress, class_drop), backward dA (+ dg for class_drop)
+    # gate (design §3): forward apply (suppress, class_drop), backward dA (+ dg for class_drop)
     for sname, s in (("W48", W48), ("W18s", W18S)):
         for dname in ("bf16", "fp32", "fp16"):
             for cl in (False, True):
@@ -243,7 +243,7 @@ def _cases() -> dict:
                 g.launch_gate(dout, gt, torch.empty_like(a), a, wrap=wrap)
             cases[f"gate-bwd-dg-{sname}-{dname}-expanded"] = bwd_exp
 
-    # moments (SPEC §2): fp32 (tf32x3), bf16, fp16, mixed (bf16 feats, fp32 logits)
+    # moments (design §2): fp32 (tf32x3), bf16, fp16, mixed (bf16 feats, fp32 logits)
     for sname, s in (("W48", W48), ("W18s", W18S)):
         for dname, (da, dl) in (("fp32", ("fp32", "fp32")), ("bf16", ("bf16", "bf16")),
                                 ("fp16", ("fp16", "fp16")), ("mixed", ("bf16", "fp32"))):
@@ -252,7 +252,7 @@ def _cases() -> dict:
                     mo.batch_moments(feats(s, da, cl), feats(s, dl, cl, K=True), wrap=wrap)
                 cases[f"moments-{sname}-{dname}-{'cl' if cl else 'nchw'}"] = mom
 
-    # loss (SPEC §4): fp32 / bf16 logits, int64 / int32 / uint8 labels, with / without class weights
+    # loss (design §4): fp32 / bf16 logits, int64 / int32 / uint8 labels, with / without class weights
     s = LOSS
     for dname in ("fp32", "bf16"):
         for yname, ydt in (("i64", torch.int64), ("i32", torch.int32), ("u8", torch.uint8)):

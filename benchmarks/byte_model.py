@@ -3,17 +3,17 @@ roofline columns, used by the CLI (``python -m benchmarks``) and the
 pytest-benchmark suite (``benchmarks/test_bench.py``).
 
 Every number is the *minimal* DRAM traffic an ideal fused implementation must
-move (SPEC §8): each tensor the math needs is read once, each result written
+move (design §8): each tensor the math needs is read once, each result written
 once, nothing else. "byte floor" = minimal bytes / device copy bandwidth; an
 implementation's GB/s is minimal bytes / its measured time, so "% of copy
 bandwidth" says how close it gets to that floor (100 % = at the floor). Real
 implementations move more (re-reads, fp32 intermediates); that shows up as a
 lower GB/s, never as more bytes here.
 
-Notation (SPEC §1): |A| = B·C·N·sizeof(feats) with N = H·W; |L| = B·K·N·sizeof(class_logits);
+Notation (design §1): |A| = B·C·N·sizeof(feats) with N = H·W; |L| = B·K·N·sizeof(class_logits);
 ``fwd`` is the training forward, ``fwd+bwd`` forward then backward.
 
-suppress (SPEC §2 + §3; gradient to feats only)
+suppress (design §2 + §3; gradient to feats only)
     fwd      3·|A| + |L|     the gate g depends on statistics of the *whole*
                              batch (Gram G, cross-moment X), so A is read twice:
                              once for the moments (with L), once to apply g;
@@ -21,14 +21,14 @@ suppress (SPEC §2 + §3; gradient to feats only)
     fwd+bwd  5·|A| + |L|     + read dOut, write dA = dOut·g (one pass).
     flops    2·B·N·C² (the Gram G, tensor-core work) + 2·B·N·C·K (the cross-moment X);
              the backward adds no matrix product. TFLOP/s is reported for it.
-    SPEC §8's byte floor for suppress is 5·|A| (it leaves out |L|, 2.6 % at W48).
+    design §8's byte floor for suppress is 5·|A| (it leaves out |L|, 2.6 % at W48).
 
-class_drop (SPEC §2 weights + §3; gradients to feats and class_weight)
+class_drop (design §2 weights + §3; gradients to feats and class_weight)
     fwd      2·|A| + |W|     read A, write out (g from the K×C weight: negligible).
     fwd+bwd  5·|A| + 2·|W|   + read dOut, write dA, and read A again for
                              dg[b,c] = Σ_n dOut·A (the weight gradient); write dW.
 
-dropclass_loss (SPEC §4; logits at (h, w), labels at (H, W))
+dropclass_loss (design §4; logits at (h, w), labels at (H, W))
     fwd      2·|l| + |y|     read logits and logits_drop (low resolution, their
                              dtype), read the labels (B·H·W·sizeof(target)); the
                              upsampled logits are never materialised.

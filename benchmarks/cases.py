@@ -6,7 +6,7 @@ Implementations (the ``impl`` column):
                ``DEBIAS_OPS_BACKEND=triton`` -- the Triton kernels on CUDA, or
                under the Triton interpreter on CPU (``TRITON_INTERPRET=1``);
 * ``eager``:   the reference functions of ``debias_ops.reference`` called directly
-               (SPEC §2–§4 written plainly in PyTorch);
+               (design §2–§4 written plainly in PyTorch);
 * ``compile``: ``torch.compile(reference function, dynamic=False)``.
 
 For the head step (``op="head"``), every implementation is the same
@@ -41,7 +41,7 @@ from .shapes import Shape
 IMPLS = ("fused", "eager", "compile")
 LAM, ALPHA, PROGRESS = 0.5, 10.0, 0.5
 IGNORE = 255
-K_TOPK: Optional[int] = None  # top-k of SPEC §3 (None: every channel, the official code's weights_avg)
+K_TOPK: Optional[int] = None  # top-k of design §3 (None: every channel, the official code's weights_avg)
 
 # Tolerances of the check before timing, per input dtype of the case (elementwise
 # |got − ref| ≤ atol_rel·max|ref| + rtol·|ref|, on every output and gradient):
@@ -308,7 +308,7 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, mode: str, device, *, s
         dropped = _dropped(B, K, device)
         case.grad_out = torch.randn(B, C, H, W, device=device, dtype=dtype)
         if op == "suppress":
-            # Logits from a random linear 1×1 head plus noise, so the probe of SPEC §2 fits something.
+            # Logits from a random linear 1×1 head plus noise, so the probe of design §2 fits something.
             w = torch.randn(K, C, device=device) / C ** 0.5
             with torch.no_grad():
                 logits = (torch.einsum("kc,bchw->bkhw", w, feats.float())

@@ -1,4 +1,4 @@
-"""SPEC §8's goals for the fused path, checked against a run's rows.
+"""design §8's goals for the fused path, checked against a run's rows.
 
 Each goal reads rows of the same run (fused vs its peers, measured together)
 and says ``met``, ``missed`` or ``not measured``. Printed under the table and

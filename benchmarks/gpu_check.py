@@ -7,7 +7,7 @@ ends within 8 minutes (``BUDGET_S``). It composes what exists, nothing new:
 * ``preflight``: device, driver, torch, Triton, compute-sanitizer; on a
   machine without a CUDA device it stops the run within seconds (exit 2);
 * ``tests``: the GPU parity subset of ``tests/`` (``-m "kernel or gpu"`` on
-  CUDA tensors: every fused op vs the reference at odd and SPEC §8 shapes,
+  CUDA tensors: every fused op vs the reference at odd and design §8 shapes,
   fp32/fp16/bf16, NCHW and channels_last, gradients; torch.compile fullgraph,
   CUDA graphs, opcheck, > 2^31 elements, peak memory, determinism);
 * ``sanitizer``: ``compute-sanitizer --tool memcheck`` on one small launch of
@@ -15,7 +15,7 @@ ends within 8 minutes (``BUDGET_S``). It composes what exists, nothing new:
 * ``bench_warm``: beside the tests, the same benchmark once more, its times
   discarded, so that the timed run finds the torch.compile and Triton caches
   on disk filled;
-* ``bench``: ``python -m benchmarks`` at SPEC §8's shapes, fused vs eager vs
+* ``bench``: ``python -m benchmarks`` at design §8's shapes, fused vs eager vs
   torch.compile in the same run, with a ``--budget-s`` inside its limit;
 * ``train_step``: the same CLI's DeepLabV3-ResNet50 training-step row alone;
 * ``summary``: one screen (``summary.md``) and ``results.json`` under ``$OUT``.
@@ -107,12 +107,12 @@ def plan(py: str = "python3", work: str = "/tmp/gpu_check", out: str = "gpu_out"
               "beside the tests, the same benchmark (no sweeps): fills the torch.compile and Triton caches on disk "
               "so that the timed run compiles little; its times (GPU shared with the tests) are not reported"),
         Stage("bench", 2, 180, tuple(bench + ["--budget-s", str(BENCH_BUDGET_S), "--out", f"{work}/bench"]),
-              f"python -m benchmarks: SPEC §8 shapes, fwd+bwd, fused vs eager vs torch.compile, "
+              f"python -m benchmarks: design §8 shapes, fwd+bwd, fused vs eager vs torch.compile, "
               f"N/C/B sweeps, budget {BENCH_BUDGET_S} s"),
         Stage("train_step", 3, 70, tuple(train),
               "python -m benchmarks --ops train_step: DeepLabV3-R50 B8 512x1024 bf16, with/without DropClass"),
         Stage("summary", 4, 20, tuple(m + ["benchmarks.gpu_check", "summary", "--work", work, "--out", out]),
-              "SPEC §8 goals (benchmarks/goals.py) + stage results -> summary.md, results.json"),
+              "design §8 goals (benchmarks/goals.py) + stage results -> summary.md, results.json"),
     ]
 
 
@@ -313,9 +313,9 @@ def summary(work: Path, out: Path) -> int:
         note = _stage_note(s.name, work, bench, train)
         table.append(f"{s.name:<11}{s.limit_s:>5}s{run['seconds']:>5}s  {run['state']}" + (f": {note}" if note else ""))
     if meta.get("copy_bandwidth_gbps"):
-        table.append(f"device copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s (SPEC §8: H200 ≈ 4300)")
+        table.append(f"device copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s (design §8: H200 ≈ 4300)")
     n = {k: sum(g["status"] == k for g in goal_list) for k in ("met", "missed", "not measured")}
-    body = ["", f"SPEC §8 goals (fused path, this run): {n['met']} met, {n['missed']} missed, "
+    body = ["", f"design §8 goals (fused path, this run): {n['met']} met, {n['missed']} missed, "
                 f"{n['not measured']} not measured", goals.format_goals(goal_list)]
     failures = [f for r in tests.values() if r for f in r["failures"]] + _bad_rows(bench) + _bad_rows(train)
     if failures:

@@ -239,7 +239,7 @@ def _plan(args, mode: str):
 
 def _impls(args, mode: str, interpreter: bool) -> List[str]:
     if interpreter:
-        return ["fused", "eager"]          # torch.compile cannot trace interpreted kernels (SPEC §9)
+        return ["fused", "eager"]          # torch.compile cannot trace interpreted kernels (design §9)
     impls = list(args.impls)
     if mode != "gpu":
         impls = [i for i in impls if i != "fused"]  # CPU tensors: the fused rows come from the interpreter run
@@ -302,7 +302,7 @@ def main(args) -> int:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     runner = Runner(args, device)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference at fp32 accuracy (SPEC §5)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 reference at fp32 accuracy (design §5)
     shape_mode = mode if not args.cpu_tiny else "tiny"
     plan = _plan(args, shape_mode)
     impls = _impls(args, mode, False)
@@ -389,7 +389,7 @@ def main(args) -> int:
         print("\nScaling (fwd+bwd, time = a + slope·elements):")
         print(format_fits(result["fits"]))
     if result.get("goals"):
-        print("\nSPEC §8 goals (fused path, this run):")
+        print("\ndesign §8 goals (fused path, this run):")
         print(goals.format_goals(result["goals"]))
     if not cuda:
         print("(CPU mode: the small shapes fit in the CPU caches, so % copy BW can exceed 100 %.)")
@@ -397,7 +397,7 @@ def main(args) -> int:
     if ts and all(r["status"] == "ok" for r in ts):
         print("\nTraining step (DeepLabV3-ResNet50, B8 512×1024, bf16 autocast): "
               + ", ".join(f"{r['impl']} {r['median_ms']:.2f} ms" for r in ts)
-              + f"; DropClass adds {ts[-1]['overhead_pct']:.1f} % (SPEC §8 goal: ≤ 2 %)")
+              + f"; DropClass adds {ts[-1]['overhead_pct']:.1f} % (design §8 goal: ≤ 2 %)")
     elif ts:
         print(f"\nTraining step row: {ts[-1]['status']}: {ts[-1]['reason']}")
     bad = [r for r in rows if r["status"] in ("wrong", "error")]
@@ -415,7 +415,7 @@ def main(args) -> int:
         if result["fits"]:
             md += ["", "Scaling (fwd+bwd, time = a + slope·elements):", "", format_fits(result["fits"], markdown=True)]
         if result.get("goals"):
-            md += ["", "SPEC §8 goals (fused path, this run):", "", "```", goals.format_goals(result["goals"]), "```"]
+            md += ["", "design §8 goals (fused path, this run):", "", "```", goals.format_goals(result["goals"]), "```"]
         (out / "table.md").write_text("\n".join(md) + "\n")
         written = ["results.json", "table.md"]
         if not args.no_plots:

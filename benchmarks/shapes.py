@@ -1,10 +1,10 @@
-"""Benchmark shapes (SPEC §8) and the sweeps.
+"""Benchmark shapes (design §8) and the sweeps.
 
 A :class:`Shape` is the feature map of a segmentation head: ``feats`` (B, C, H, W),
 ``class_logits`` / ``logits`` (B, K, H, W), labels at ``label_scale`` times the
-feature resolution (the loss upsamples the logits to the label size, SPEC §4).
+feature resolution (the loss upsamples the logits to the label size, design §4).
 
-* GPU shapes (SPEC §8): W48 = HRNet-W48 head on a Cityscapes crop
+* GPU shapes (design §8): W48 = HRNet-W48 head on a Cityscapes crop
   (B=8, C=720, 128×256, K=19, labels 512×1024); W18s = HRNet-W18-small (B=12, C=270).
 * CPU mode: one small shape (reference vs torch.compile on CPU).
 * Interpreter / CI: one tiny shape (the Triton interpreter runs programs one by one).

@@ -3,7 +3,7 @@ inside it the fused path, the eager reference and torch.compile(reference).
 
 Run (from the repository root, serially)::
 
-    pytest benchmarks/ --benchmark-only                  # GPU: SPEC §8 shapes, bf16 + fp32
+    pytest benchmarks/ --benchmark-only                  # GPU: design §8 shapes, bf16 + fp32
     pytest benchmarks/ --benchmark-only --benchmark-json=out.json
 
 On a machine without a GPU it runs the reference and torch.compile at the

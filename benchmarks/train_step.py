@@ -1,4 +1,4 @@
-"""Optional row: what DropClass adds to a whole training step (SPEC §8).
+"""Optional row: what DropClass adds to a whole training step (design §8).
 
 DeepLabV3-ResNet50 (torchvision, random weights), B=8, 3×512×1024 inputs,
 bf16 autocast, channels_last, SGD with momentum; the DeepLab head's last 1×1
@@ -10,7 +10,7 @@ features. Two steps are timed (forward, backward, optimizer step):
 * ``dropclass``: the head's DropClass training call (classifier, class_drop,
   selector, loss) at progress 0.5.
 
-``overhead_pct`` = 100·(dropclass / baseline − 1); SPEC §8's goal is ≤ 2 %.
+``overhead_pct`` = 100·(dropclass / baseline − 1); design §8's goal is ≤ 2 %.
 Skipped, with a one-line reason, without a GPU, without torchvision, or when
 this checkout has no ``DropClassHead``.
 """

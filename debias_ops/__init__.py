@@ -1,6 +1,6 @@
 """debias_ops: fused Triton kernels for DropClass (Chu, Kim, Han, NeurIPS 2021).
 
-Public API (SPEC §5)::
+Public API (design §5)::
 
     out  = suppress(feats, class_logits, k, *, drop=None)        # importance from logits
     out  = class_drop(feats, class_weight, k=None, *, drop=None)  # the paper's, from weights
@@ -8,7 +8,7 @@ Public API (SPEC §5)::
     res  = dropclass_loss(logits, logits_drop, target, drop, *, lam, alpha=10.0,
                           weight=None, ignore_index=255)          # (loss, ce, ce_drop, sup)
     drop = sample_drop(batch, num_classes, p, *, generator=None, device=None, per_sample=True)
-    head = DropClassHead(in_channels, num_classes, importance="weight", k=None, alpha=10.0)  # SPEC §6
+    head = DropClassHead(in_channels, num_classes, importance="weight", k=None, alpha=10.0)  # design §6
     t    = progress(epoch, epochs)                                # training progress for the head
     model = dropclass(model, importance="weight", alpha=10.0)     # wrap a torchvision/smp model
     ov   = class_overlap(S, k)                                    # K×K top-k channel overlap (disentanglement)

@@ -1,4 +1,4 @@
-"""Backend selection (SPEC §5).
+"""Backend selection (design §5).
 
 ``DEBIAS_OPS_BACKEND`` (read at every call, never at import) picks the
 implementation of every op:

@@ -1,11 +1,11 @@
-"""torch.library registration shared by the fused ops (SPEC §5, §9).
+"""torch.library registration shared by the fused ops (design §5, §9).
 
 Every fused op is a ``torch.library`` operator in the ``debias_ops`` namespace:
 ``triton_op`` + ``wrap_triton`` on torch >= 2.6 (the kernel launches are
 visible to torch.compile / Inductor), ``custom_op`` + ``register_fake`` on
 torch 2.4–2.5. Each op body runs the reference math for CPU tensors when the
 Triton interpreter is off (torch.compile cannot trace interpreted kernels,
-SPEC §9), and launches the kernels otherwise (CUDA, or CPU under
+design §9), and launches the kernels otherwise (CUDA, or CPU under
 ``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def use_reference(t: torch.Tensor) -> bool:
 
 def wrap():
     """``wrap_triton`` inside a triton_op (a traceable launch); None (a plain launch)
-    under the interpreter, which torch.compile cannot trace anyway (SPEC §9) and
+    under the interpreter, which torch.compile cannot trace anyway (design §9) and
     which older torch versions' ``wrap_triton`` rejects."""
     return torch.library.wrap_triton if (HAS_TRITON_OP and not _backend.interpreting()) else None
 

@@ -5,7 +5,7 @@ class relies on its own channels rather than on channels shared with the
 classes it co-occurs with. :func:`class_overlap` measures that from a class
 importance matrix S (K, C), the same one DropClass selects with:
 
-* ``dops.class_importance(feats, logits)``: the head-agnostic ridge probe (SPEC §2), or
+* ``dops.class_importance(feats, logits)``: the head-agnostic ridge probe (design §2), or
 * a 1×1 classifier's weight (K, C[, 1, 1]): S = max(0, W), the paper's importance.
 
 Math. T_i = the top-k channels of class i among those with S[i, c] > 0
@@ -61,7 +61,7 @@ def class_overlap(S: torch.Tensor, k: Optional[int] = None) -> ClassOverlap:
         raise ValueError(f"S must be (K, C) with K >= 2 classes and C >= 1 channels, got shape {tuple(S.shape)}")
     k = max(1, C // 4) if k is None else _v.check_k(k, C)
     S = S.detach().float()
-    sets = _ref.topk_mask(S, k) & (S > 0)  # the same top-k selection DropClass uses (SPEC §3)
+    sets = _ref.topk_mask(S, k) & (S > 0)  # the same top-k selection DropClass uses (design §3)
     m = sets.float()
     inter = m @ m.T
     size = m.sum(1)

@@ -1,4 +1,4 @@
-"""Public ops (SPEC §5): validate, normalise ``drop``, dispatch.
+"""Public ops (design §5): validate, normalise ``drop``, dispatch.
 
 Every op validates its inputs first (``debias_ops.validation``; errors name
 the argument), turns ``drop`` into a (B, K) bool mask, then runs either the
@@ -23,7 +23,7 @@ from .sampling import drop_mask
 def _autocast_off(op):
     """Run ``op`` with autocast disabled for its first tensor's device.
 
-    The ops choose their own precision (SPEC §1: float32 accumulation whatever
+    The ops choose their own precision (design §1: float32 accumulation whatever
     the input dtype; outputs in feats' dtype). Under an enclosing
     ``torch.autocast`` the small (K, C) / (B, C) matrix products of the gate
     (``keep @ T`` in ``reference.channel_gate``) and the reference's moments
@@ -42,7 +42,7 @@ def _autocast_off(op):
 
 @_autocast_off
 def class_importance(feats: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
-    """S (K, C) float32: importance of channel c for class j, fitted from dense logits (SPEC §2).
+    """S (K, C) float32: importance of channel c for class j, fitted from dense logits (design §2).
 
     A ridge-regularised linear probe of the head on the batch; no gradient.
     """
@@ -55,7 +55,7 @@ def class_importance(feats: torch.Tensor, class_logits: torch.Tensor) -> torch.T
 
 @_autocast_off
 def suppress(feats: torch.Tensor, class_logits: torch.Tensor, k: Optional[int], *, drop=None) -> torch.Tensor:
-    """DropClass suppression with the importance fitted from dense logits (SPEC §2 + §3).
+    """DropClass suppression with the importance fitted from dense logits (design §2 + §3).
 
     out[b, c] = feats[b, c] · g[b, c], g the mean over kept classes of each
     class's top-k channel importance. Works with any head; differentiable in
@@ -74,7 +74,7 @@ def suppress(feats: torch.Tensor, class_logits: torch.Tensor, k: Optional[int], 
 
 @_autocast_off
 def class_drop(feats: torch.Tensor, class_weight: torch.Tensor, k: Optional[int] = None, *, drop=None) -> torch.Tensor:
-    """The paper's DropClass: importance max(0, W) of a 1×1 classifier's weight (SPEC §2 + §3).
+    """The paper's DropClass: importance max(0, W) of a 1×1 classifier's weight (design §2 + §3).
 
     Differentiable in ``feats`` and ``class_weight``.
     """
@@ -101,7 +101,7 @@ def dropclass_loss(
     weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
 ) -> _ref.DropClassLoss:
-    """The DropClass loss (SPEC §4) -> ``DropClassLoss(loss, ce, ce_drop, sup)``.
+    """The DropClass loss (design §4) -> ``DropClassLoss(loss, ce, ce_drop, sup)``.
 
     ``loss = lam·CE(logits, y) + (1 − lam)·CE(logits_drop, y_drop) + alpha·sup``,
     logits bilinearly upsampled to the label size. The last three fields are

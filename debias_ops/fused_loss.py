@@ -1,4 +1,4 @@
-"""Autograd wiring of the fused DropClass loss (SPEC §4, §5).
+"""Autograd wiring of the fused DropClass loss (design §4, §5).
 
 Inputs arrive validated (``debias_ops.api``), with ``dropped`` a (B, K) bool
 mask on the device.
@@ -26,7 +26,7 @@ No second derivative: the stored gradient is a constant for double backward.
 Registration: ``torch.library.triton_op`` + ``wrap_triton`` (torch >= 2.6),
 else ``custom_op`` + ``register_fake``. The op body sends CPU tensors to the
 reference math (analytic gradient with aten ops) when the Triton interpreter
-is off (SPEC §9) and launches the kernels otherwise. Nothing reads a tensor
+is off (design §9) and launches the kernels otherwise. Nothing reads a tensor
 value on the host: the normalisations stay on the device.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _interp_matrix(n_in: int, n_out: int, dtype, device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- reference body (CPU, no interpreter)
 
 def _reference_fwd(logits, logits_drop, target, dropped, weight, lam, alpha, ignore_index, need_gx, need_gxd):
-    """SPEC §4 values from ``reference``; gradients in closed form with aten ops (traceable)."""
+    """design §4 values from ``reference``; gradients in closed form with aten ops (traceable)."""
     B, K, h, w = logits.shape
     size = tuple(target.shape[1:])
     dt = _ref.compute_dtype(logits, logits_drop)

@@ -1,4 +1,4 @@
-"""Autograd wiring of the fused suppress / class_drop / class_importance (SPEC §2–§3, §5).
+"""Autograd wiring of the fused suppress / class_drop / class_importance (design §2–§3, §5).
 
 Inputs arrive validated (``debias_ops.api``), with ``dropped`` a (B, K) bool
 mask on the data's device and ``k`` None or an int in [1, C].
@@ -23,14 +23,14 @@ backward is ``debias_ops::gate_backward``, ONE pass over the data that writes
 weight), produces ``dg[b, c] = Σ_n dOut·A`` from deterministic per-chunk
 partials in the same pass. ``dW`` then follows from autograd through
 ``channel_gate`` / ``weight_importance`` on the (K, C) weight, which is exactly
-SPEC §3's ``dW = [W > 0]·topk·Σ_b keep·dg / max(1, Σ keep)``. suppress's gate
+design §3's ``dW = [W > 0]·topk·Σ_b keep·dg / max(1, Σ keep)``. suppress's gate
 is built under ``no_grad`` from batch statistics, so its backward never reads A.
 
 Registration: ``torch.library.triton_op`` + ``wrap_triton`` (torch >= 2.6; the
 kernel launch is visible to torch.compile / Inductor), else ``custom_op`` +
 ``register_fake`` (torch 2.4–2.5); all three ops (``batch_moments``,
 ``gate_apply``, ``gate_backward``) are registered the same way. Every op body sends CPU tensors to the reference math
-when the Triton interpreter is off (SPEC §9: torch.compile cannot trace
+when the Triton interpreter is off (design §9: torch.compile cannot trace
 interpreted kernels; this is what lets ``torch.compile(fullgraph=True)`` run on
 CPU), and launches the kernels otherwise (CUDA, or CPU under TRITON_INTERPRET=1).
 No op reads a tensor value on the host: everything is CUDA-graph capturable.
@@ -54,7 +54,7 @@ def _empty_like_format(shape, dtype, device, channels_last: bool) -> torch.Tenso
     return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
 
 
-# ----------------------------------------------------------------------------- batch_moments (SPEC §2)
+# ----------------------------------------------------------------------------- batch_moments (design §2)
 
 def _batch_moments_impl(feats: torch.Tensor, class_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if _use_reference(feats):
@@ -74,7 +74,7 @@ def _batch_moments_fake(feats, class_logits):
 batch_moments_op = _library.define("batch_moments", _batch_moments_impl, _batch_moments_fake)
 
 
-# ----------------------------------------------------------------------------- gate_apply / gate_backward (SPEC §3)
+# ----------------------------------------------------------------------------- gate_apply / gate_backward (design §3)
 
 def _gate_apply_impl(feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """out = A·g, output in feats' dtype and memory format (NCHW or channels_last)."""

@@ -6,7 +6,7 @@
 
 :class:`DropClassModel` holds the original model as ``.model`` untouched (its
 classifier stays where it is, so ``wrapped.model.load_state_dict(original_sd)``
-works) and adds the DropClass feature selector (SPEC §6). It *is* a
+works) and adds the DropClass feature selector (design §6). It *is* a
 :class:`~debias_ops.modules.DropClassBranches` whose classifier is the model's
 own: the same code path as :class:`~debias_ops.DropClassHead`, with the
 classifier's weight and bias reused (no retraining from scratch).
@@ -31,7 +31,7 @@ Finding the classifier (``classifier=None``):
   is applied in eval. smp's Unet, Unet++, MAnet, PAN and PSPNet build that
   conv with ``kernel_size=3``: the paper's ``importance="weight"`` needs a
   linear 1×1 classifier and raises a ``TypeError`` for them; the head-agnostic
-  ``importance="logits"`` (SPEC §2: a linear probe of any head, fitted on the
+  ``importance="logits"`` (design §2: a linear probe of any head, fitted on the
   batch) works with any stride-1, size-preserving conv and is the choice there.
 * anything else: ``decode_head.conv_seg`` (mmsegmentation), ``classifier``
   (a ``Conv2d`` or a ``Sequential`` ending in one), ``segmentation_head[0]``;
@@ -172,7 +172,7 @@ def _check_convs(convs, importance: str, where: str) -> None:
             raise TypeError(
                 f"dropclass: importance='weight' (the paper's, max(0, W) of the classifier) needs a 1×1 classifier "
                 f"(kernel 1, stride 1, padding 0, groups 1), but {where} is {conv}. smp's Unet, Unet++, MAnet, PAN "
-                "and PSPNet use a 3×3 head conv: pass importance='logits' (head-agnostic, SPEC §2), or name a "
+                "and PSPNet use a 3×3 head conv: pass importance='logits' (head-agnostic, design §2), or name a "
                 "1×1 classifier with classifier='dotted.path'")
         same = conv.padding == "same" or (isinstance(conv.padding, tuple) and all(
             2 * p == d * (k - 1) for p, d, k in zip(conv.padding, conv.dilation, conv.kernel_size)))

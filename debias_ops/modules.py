@@ -1,4 +1,4 @@
-"""``DropClassHead``: the DropClass segmentation head as a module (SPEC §6).
+"""``DropClassHead``: the DropClass segmentation head as a module (design §6).
 
 It wraps any backbone's last feature map ``feats`` (B, C, h, w) like the
 official HRNet head:
@@ -24,16 +24,16 @@ see :func:`progress`)::
                                             lam=1 - t, alpha=alpha, ...)
 
 and returns a :class:`DropClassOutput`. ``p`` and ``lam`` can be overridden
-per call; ``drop`` can be given explicitly (any form SPEC §5 accepts).
+per call; ``drop`` can be given explicitly (any form design §5 accepts).
 
-Decisions (SPEC §6 leaves them open):
+Decisions (design §6 leaves them open):
 
 * The gradient of ``class_drop`` with respect to ``classifier.weight`` flows
-  (SPEC §3: ``class_drop`` is differentiable in ``class_weight``), as in the
+  (design §3: ``class_drop`` is differentiable in ``class_weight``), as in the
   official code where the importance is the live classifier weight. Pass
   ``weight_grad=False`` to treat the importance as a constant (detached
   weight). ``importance="logits"`` never sends a gradient through the
-  importance (it is a batch statistic, SPEC §2).
+  importance (it is a batch statistic, design §2).
 * The drop is sampled on ``feats.device`` with :func:`debias_ops.sample_drop`
   (no host sync), from the device's default generator or the ``generator``
   given to ``forward``. Under DistributedDataParallel each rank draws from its
@@ -41,14 +41,14 @@ Decisions (SPEC §6 leaves them open):
   all-reduced either way, so parameters stay identical across ranks (tested in
   ``tests/test_ddp.py``). Different per-rank drops (the default when ranks are
   seeded differently) give more drop diversity per global batch.
-* The eval path uses the selector (SPEC §6), so the selector's BatchNorm
+* The eval path uses the selector (design §6), so the selector's BatchNorm
   running statistics are those of the drop path's suppressed features.
 * ``progress``/``p`` must be Python numbers (``sample_drop`` and
   ``dropclass_loss`` take floats). Under ``torch.compile`` a new float value
   may trigger a recompilation; quantise ``t`` (``progress(..., steps=...)``)
   or compile only the backbone if that matters.
 * Logits are returned at the feature resolution; the loss upsamples them to
-  the label size (SPEC §4).
+  the label size (design §4).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ __all__ = ["DropClassBranches", "DropClassHead", "DropClassOutput", "progress"]
 class DropClassOutput(NamedTuple):
     """What a training call of :class:`DropClassHead` returns.
 
-    loss:        scalar, differentiable: lam·ce + (1 − lam)·ce_drop + alpha·sup (SPEC §4).
+    loss:        scalar, differentiable: lam·ce + (1 − lam)·ce_drop + alpha·sup (design §4).
     ce:          detached CE of ``logits`` against the target.
     ce_drop:     detached CE of ``logits_drop`` against the target with dropped classes ignored.
     sup:         detached suppression term (mean probability of the dropped classes).
@@ -103,7 +103,7 @@ def progress(step, total, *, steps: Optional[int] = None) -> float:
 
 
 class DropClassBranches(nn.Module):
-    """The DropClass logic around a classifier (SPEC §6), shared by
+    """The DropClass logic around a classifier (design §6), shared by
     :class:`DropClassHead` and ``debias_ops.integrations.DropClassModel``.
 
     Holds the configuration, the feature selector and both paths (eval:
@@ -174,7 +174,7 @@ class DropClassBranches(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def suppression(self, feats: torch.Tensor, drop=None, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The head's suppression of ``feats`` (SPEC §3) with its importance source.
+        """The head's suppression of ``feats`` (design §3) with its importance source.
 
         ``logits``: ``classifier(feats)`` if already computed (importance="logits").
         """
@@ -243,13 +243,13 @@ class DropClassBranches(nn.Module):
 
 
 class DropClassHead(DropClassBranches):
-    """The DropClass head (SPEC §6) with its own 1×1 classifier. See the module docstring for the math.
+    """The DropClass head (design §6) with its own 1×1 classifier. See the module docstring for the math.
 
     Args:
         in_channels: C, channels of the backbone's last feature map.
         num_classes: K ≥ 2.
         importance: ``"weight"`` (the paper: max(0, classifier.weight)) or
-            ``"logits"`` (head-agnostic probe fitted on the batch, SPEC §2).
+            ``"logits"`` (head-agnostic probe fitted on the batch, design §2).
         k: top-k channels per class (None: all).
         alpha: weight of the suppression term.
         per_sample: each sample draws its own dropped class (True) or one class
@@ -259,7 +259,7 @@ class DropClassHead(DropClassBranches):
         ignore_index: label ignored by the loss (default 255).
         norm_layer: the selector's normalisation (default ``nn.BatchNorm2d``).
         weight_grad: let the gradient of ``class_drop`` reach ``classifier.weight``
-            (default True, SPEC §3).
+            (default True, design §3).
     """
 
     def __init__(

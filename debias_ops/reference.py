@@ -1,4 +1,4 @@
-"""Reference implementation: SPEC §2–§4 in plain PyTorch.
+"""Reference implementation: design §2–§4 in plain PyTorch.
 
 This file is the specification in code. It runs on any device, is
 differentiable by autograd, and every Triton kernel is tested against it.
@@ -11,7 +11,7 @@ once -- :func:`importance_from_moments`, :func:`topk_mask`,
 :func:`channel_gate` -- and the fused path calls these same functions on the
 statistics its kernels produce.
 
-Notation (SPEC §1): A = feats (B, C, H, W), N = H·W; L = class_logits
+Notation (design §1): A = feats (B, C, H, W), N = H·W; L = class_logits
 (B, K, H, W); W = class_weight (K, C); keep = ~dropped, (B, K).
 """
 from __future__ import annotations
@@ -25,14 +25,14 @@ from .sampling import drop_mask
 
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32 (SPEC §1: fp32 accumulation)."""
+    """float64 if any input is float64, else float32 (design §1: fp32 accumulation)."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 # ----------------------------------------------------------------------------- §2 importance
 
 def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """Batch statistics of SPEC §2 over all M = B·H·W positions.
+    """Batch statistics of design §2 over all M = B·H·W positions.
 
     Returns (Ā (C,), L̄ (K,), G (C, C), X (K, C)) in the compute dtype, with
         G[c, c'] = mean_(b,n) (A[b,c,n] − Ā[c]) (A[b,c',n] − Ā[c'])
@@ -58,7 +58,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor) -> Tuple[torc
 
 
 def importance_from_moments(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """S = max(0, X (G + ρI)⁻¹), ρ = 1e-3·mean(diag G) + 1e-6 (SPEC §2).
+    """S = max(0, X (G + ρI)⁻¹), ρ = 1e-3·mean(diag G) + 1e-6 (design §2).
 
     Solved on the device without a host sync: G + ρI is symmetric positive
     definite, so a Cholesky factorisation (``cholesky_ex`` never raises or
@@ -73,7 +73,7 @@ def importance_from_moments(G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 
 
 def class_importance(feats: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
-    """S (K, C): channel importance of every class from dense logits (SPEC §2).
+    """S (K, C): channel importance of every class from dense logits (design §2).
 
     A batch statistic, treated as a constant: no gradient.
     """
@@ -85,7 +85,7 @@ def class_importance(feats: torch.Tensor, class_logits: torch.Tensor) -> torch.T
 def weight_importance(class_weight: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """S = max(0, W) (K, C) from a 1×1 classifier's weight (K, C[, 1, 1]); differentiable.
 
-    d/dW max(0, W) is taken as 0 at W = 0 (``torch.relu``'s convention, SPEC §3).
+    d/dW max(0, W) is taken as 0 at W = 0 (``torch.relu``'s convention, design §3).
     """
     K, C = class_weight.shape[:2]
     return torch.relu(class_weight.reshape(K, C).to(dtype or compute_dtype(class_weight)))
@@ -106,7 +106,7 @@ def topk_mask(S: torch.Tensor, k: Optional[int]) -> torch.Tensor:
 
 
 def channel_gate(S: torch.Tensor, k: Optional[int], dropped: torch.Tensor) -> torch.Tensor:
-    """g (B, C) = Σ_j keep[b, j] · T[j, c] / max(1, Σ_j keep[b, j]) (SPEC §3).
+    """g (B, C) = Σ_j keep[b, j] · T[j, c] / max(1, Σ_j keep[b, j]) (design §3).
 
     T = S on each class's top-k channels, 0 elsewhere. Differentiable in S.
     """
@@ -127,7 +127,7 @@ def apply_gate(feats: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def suppress(feats: torch.Tensor, class_logits: torch.Tensor, k: Optional[int], *, drop=None) -> torch.Tensor:
-    """SPEC §2 (from logits) + §3. Differentiable in feats only (dA = dOut·g)."""
+    """design §2 (from logits) + §3. Differentiable in feats only (dA = dOut·g)."""
     B, C = feats.shape[:2]
     K = class_logits.shape[1]
     S = class_importance(feats, class_logits)
@@ -136,7 +136,7 @@ def suppress(feats: torch.Tensor, class_logits: torch.Tensor, k: Optional[int], 
 
 
 def class_drop(feats: torch.Tensor, class_weight: torch.Tensor, k: Optional[int] = None, *, drop=None) -> torch.Tensor:
-    """SPEC §2 (from weights, the paper's method) + §3. Differentiable in feats and class_weight."""
+    """design §2 (from weights, the paper's method) + §3. Differentiable in feats and class_weight."""
     B = feats.shape[0]
     K = class_weight.shape[0]
     S = weight_importance(class_weight, compute_dtype(feats, class_weight))
@@ -208,7 +208,7 @@ def dropclass_loss(
     weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
 ) -> DropClassLoss:
-    """loss = lam·CE(up(logits), y) + (1 − lam)·CE(up(logits_drop), y_drop) + alpha·sup (SPEC §4)."""
+    """loss = lam·CE(up(logits), y) + (1 − lam)·CE(up(logits_drop), y_drop) + alpha·sup (design §4)."""
     B, K = logits.shape[:2]
     size = tuple(target.shape[1:])
     dropped = drop_mask(drop, B, K, logits.device)

@@ -1,6 +1,6 @@
 """The ``drop`` argument: normalisation of every accepted form, and sampling.
 
-Accepted forms (SPEC §5): ``None`` (keep every class), an ``int`` class index
+Accepted forms (design §5): ``None`` (keep every class), an ``int`` class index
 (the same for every sample; -1 drops nothing), an integer tensor (B,) with -1
 for "none", or a bool tensor (B, K) with True = dropped. Every op turns them
 into one (B, K) bool mask on the data's device with :func:`drop_mask`, without

@@ -1,4 +1,4 @@
-"""Input validation shared by every op and every backend (SPEC §5).
+"""Input validation shared by every op and every backend (design §5).
 
 Shape, dtype and device checks read only metadata and always run. Checks that
 read tensor *values* (label range, drop indices) synchronise the host with the
@@ -12,7 +12,7 @@ training loop:
 They are also skipped automatically while a CUDA graph is being captured and
 while ``torch.compile`` traces (where reading a value would break the graph).
 With value checks off, out-of-range values give undefined results.
-Every error names the offending argument as spelled in SPEC §5.
+Every error names the offending argument as spelled in design §5.
 """
 from __future__ import annotations
 

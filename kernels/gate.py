@@ -1,4 +1,4 @@
-"""The channel gate of SPEC §3: apply ``out = A·g`` and its fused backward.
+"""The channel gate of design §3: apply ``out = A·g`` and its fused backward.
 
 One streaming kernel, :func:`_gate_kernel`, serves three uses:
 

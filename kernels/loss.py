@@ -1,4 +1,4 @@
-"""Fused DropClass loss (SPEC §4): bilinear upsampling on the fly, weighted
+"""Fused DropClass loss (design §4): bilinear upsampling on the fly, weighted
 masked cross-entropy on both branches, the suppression term, and the
 gradients w.r.t. both low-resolution logits -- without ever materialising the
 upsampled (B, K, H, W) logits or their gradient.

@@ -1,4 +1,4 @@
-"""Batch moments of SPEC §2 (means, C×C Gram, K×C cross term) in one reduction pass.
+"""Batch moments of design §2 (means, C×C Gram, K×C cross term) in one reduction pass.
 
 ``batch_moments(feats, class_logits) -> (a_mean (C,), l_mean (K,), G (C, C), X (K, C))``,
 all float32, the contract of ``debias_ops.reference.batch_moments``:
@@ -9,7 +9,7 @@ all float32, the contract of ``debias_ops.reference.batch_moments``:
     X[j,c]  = (1/M) Σ_m (L[j,m] − L̄[j]) (A[c,m] − Ā[c])
     B = 0 (M = 0): every statistic is 0.
 
-No gradient (SPEC §2: the fitted importance is a batch constant), so there is
+No gradient (design §2: the fitted importance is a batch constant), so there is
 no backward kernel; the gradient math of the op that uses these statistics
 lives in ``debias_ops.fused_selection`` (dA = dOut·g).
 
@@ -608,7 +608,7 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
                   fp32_precision: str | None = None, num_warps: int | None = None,
                   num_stages: int | None = None, recenter_every: int | None = None, wrap=None,
                   sum_by_dot: bool | None = None):
-    """(Ā (C,), L̄ (K,), G (C, C), X (K, C)) float32 of SPEC §2 (see module doc).
+    """(Ā (C,), L̄ (K,), G (C, C), X (K, C)) float32 of design §2 (see module doc).
 
     ``feats`` (B, C, H, W) and ``class_logits`` (B, K, H, W) (also (B, C, N)
     or (B, C)) in float32/float16/bfloat16, any strides, dtypes may differ.

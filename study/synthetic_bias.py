@@ -36,7 +36,7 @@ it with ``debias_ops.dropclass`` (the classifier's weight reused) under a
 batches (seeded by the run's seed), and are evaluated with
 ``debias_ops.recipe.evaluate`` (torchmetrics' per-class IoU).
 
-On a CUDA device the ops dispatch to the fused Triton kernels (SPEC §5).
+On a CUDA device the ops dispatch to the fused Triton kernels (design §5).
 """
 from __future__ import annotations
 

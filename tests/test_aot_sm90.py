@@ -1,5 +1,5 @@
 """Offline sm_90 (H100) compile checks of every Triton kernel at the launch
-configurations the launchers pick at SPEC §8's shapes -- no GPU needed.
+configurations the launchers pick at design §8's shapes -- no GPU needed.
 
 Each case calls the real launcher (gate / moments / loss) on fake CUDA tensors
 with an H100 SM count and records its launches instead of running them

@@ -1,4 +1,4 @@
-"""Public API (SPEC §5): drop forms, sampling, edge cases, dispatch, packaging."""
+"""Public API (design §5): drop forms, sampling, edge cases, dispatch, packaging."""
 import os
 import subprocess
 import sys
@@ -91,7 +91,7 @@ def test_layout_and_mixed_dtypes():
 
 
 def test_keyword_arguments():
-    """Every op accepts its SPEC §5 argument names as keywords."""
+    """Every op accepts its design §5 argument names as keywords."""
     feats, logits, W = torch.randn(2, 5, 3, 4), torch.randn(2, 3, 3, 4), torch.randn(3, 5)
     assert_close(dops.suppress(feats=feats, class_logits=logits, k=2, drop=1), dops.suppress(feats, logits, 2, drop=1))
     assert_close(dops.class_drop(feats=feats, class_weight=W, k=2), dops.class_drop(feats, W, 2))
@@ -129,7 +129,7 @@ def _autocast_cases(device, autocast=False):
 
 
 def _check_autocast_ignored(device):
-    """Regression: the ops pick their own precision (SPEC §1); under an enclosing
+    """Regression: the ops pick their own precision (design §1); under an enclosing
     torch.autocast the gate's (B, K)·(K, C) product ran in bf16 and class_drop's
     output moved by ~1e-2. Now the results are bitwise those without autocast."""
     expect = _autocast_cases(device)
@@ -151,7 +151,7 @@ def test_ops_ignore_autocast_kernels():
 @pytest.mark.kernel
 @pytest.mark.parametrize("checks", [False, True], ids=["value_checks_off", "value_checks_on"])
 def test_no_python_level_host_sync(checks):
-    """SPEC §5: no host sync in the ops' hot path. Forward and backward of every
+    """design §5: no host sync in the ops' hot path. Forward and backward of every
     fused op with Tensor.item / tolist / __bool__ patched to fail: with value
     checks off nothing may call them; with them on, the (switchable) checks do
     -- which shows the guard bites. (The GPU CUDA-graph tests catch C++-level syncs.)"""

@@ -1,5 +1,5 @@
 """Unit tests of the benchmark byte/flop model (benchmarks/byte_model.py):
-SPEC §8's byte floors and Gram time, linear scaling, and the check/fit helpers."""
+design §8's byte floors and Gram time, linear scaling, and the check/fit helpers."""
 import math
 
 import pytest
@@ -11,7 +11,7 @@ from benchmarks.report import fit_line
 from benchmarks.shapes import GPU_SHAPES, Shape
 
 W48, W18s = GPU_SHAPES["W48"], GPU_SHAPES["W18s"]
-H100_COPY_GBPS = 3020.0  # SPEC §8
+H100_COPY_GBPS = 3020.0  # design §8
 
 
 def _A(shape, dtype):
@@ -31,18 +31,18 @@ def test_selection_floors_match_spec_formula(shape, dtype):
 
 
 def test_spec_table_floors():
-    # SPEC §8: class_drop W48 fwd+bwd byte floor 0.625 ms (bf16) / 1.25 ms (fp32) at 3.02 TB/s;
+    # design §8: class_drop W48 fwd+bwd byte floor 0.625 ms (bf16) / 1.25 ms (fp32) at 3.02 TB/s;
     # the model adds only the K×C weight terms (< 0.01 %)
     for dtype, floor in ((torch.bfloat16, 0.625), (torch.float32, 1.25)):
         got = bm.class_drop(W48, dtype, "fwd+bwd").floor_ms(H100_COPY_GBPS)
         assert got == pytest.approx(floor, rel=5e-3)
-        # suppress: SPEC's 5·|A| plus the logits read |L| = |A|·K/C (+0.5 % at W48)
+        # suppress: the design's 5·|A| plus the logits read |L| = |A|·K/C (+0.5 % at W48)
         sup = bm.suppress(W48, dtype, "fwd+bwd")
         assert sup.floor_ms(H100_COPY_GBPS) == pytest.approx(floor * (1 + W48.K / (5 * W48.C)), rel=5e-3)
-    # SPEC §8: suppress W18s bf16 floor 0.35 ms (5·|A|)
+    # design §8: suppress W18s bf16 floor 0.35 ms (5·|A|)
     a = _A(W18s, torch.bfloat16)
     assert 5 * a / (H100_COPY_GBPS * 1e9) * 1e3 == pytest.approx(0.35, rel=0.02)
-    # SPEC §8: loss fp32 B8 K19 128×256 -> 512×1024: ~0.04 ms
+    # design §8: loss fp32 B8 K19 128×256 -> 512×1024: ~0.04 ms
     assert bm.loss(W48, torch.float32, "fwd+bwd").floor_ms(H100_COPY_GBPS) == pytest.approx(0.04, rel=0.1)
 
 
@@ -56,7 +56,7 @@ def test_loss_terms():
 
 
 def test_gram_flops_and_time():
-    # SPEC §8: the Gram 2·B·N·C² is 0.34 ms at W48 in bf16 on tensor cores (~790 TFLOP/s)
+    # design §8: the Gram 2·B·N·C² is 0.34 ms at W48 in bf16 on tensor cores (~790 TFLOP/s)
     t = bm.suppress(W48, torch.bfloat16, "fwd+bwd")
     gram = 2 * 8 * 128 * 256 * 720 ** 2
     assert t.flops == gram + 2 * 8 * 128 * 256 * 720 * 19

@@ -2,7 +2,7 @@
 skips without a CUDA device). Run by ``scripts/gpu_check.sh`` with the rest of
 ``-m "kernel or gpu"``:
 
-* suppress / class_drop at SPEC §8's shapes (W48, W18s), bf16 and fp32, NCHW
+* suppress / class_drop at design §8's shapes (W48, W18s), bf16 and fp32, NCHW
   and channels_last, out / dA / dW against the reference in float64;
 * bitwise determinism: two runs of every fused op (forward and gradients);
 * the fused loss under CUDA-graph capture + replay (value checks off) and
@@ -44,7 +44,7 @@ def _leaf64(x: torch.Tensor) -> torch.Tensor:
     return x.detach().double().contiguous(memory_format=fmt).requires_grad_(x.requires_grad)
 
 
-# ----------------------------------------------------------------------------- SPEC §8 shapes
+# ----------------------------------------------------------------------------- design §8 shapes
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT.get)

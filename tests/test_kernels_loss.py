@@ -1,4 +1,4 @@
-"""Fused DropClass loss (SPEC §4, issue 4) against the reference.
+"""Fused DropClass loss (design §4, issue 4) against the reference.
 
 Kernel tests (``-m kernel``) run the Triton kernels: on a GPU, or on CPU under
 ``TRITON_INTERPRET=1 DEBIAS_OPS_BACKEND=triton`` (CI). Shapes are tiny but,
@@ -273,7 +273,7 @@ def test_op_reference_body_matches_autograd():
 def test_opcheck():
     from debias_ops import _backend, fused_loss
     if _backend.interpreting():
-        pytest.skip("opcheck traces the op; interpreted kernels cannot be traced (SPEC §9)")
+        pytest.skip("opcheck traces the op; interpreted kernels cannot be traced (design §9)")
     x, xd, y, dropped, wt = _op_args()
     for need in ((True, True), (False, False)):
         torch.library.opcheck(fused_loss.dropclass_loss_fwd,
@@ -284,7 +284,7 @@ def test_opcheck():
 def test_compile_fullgraph_cpu():
     from debias_ops import _backend, fused_loss
     if _backend.interpreting():
-        pytest.skip("torch.compile cannot trace interpreted kernels (SPEC §9)")
+        pytest.skip("torch.compile cannot trace interpreted kernels (design §9)")
     x, xd, y, dropped, wt = _op_args()
 
     def f(a, b):

@@ -5,11 +5,11 @@ Triton interpreter in CI (tiny shapes), or a GPU. GPU-only tests
 (``@pytest.mark.gpu``) cover torch.compile of the Triton path, CUDA graphs,
 opcheck on CUDA, peak memory and > 2^31-element tensors. The CPU tests at the
 end (no marker) check torch.compile(fullgraph=True) and opcheck through the
-reference branch of the registered ops (SPEC §9).
+reference branch of the registered ops (design §9).
 
 Tolerances: outputs and dA are products A·g / dOut·g computed in float32 and
 cast once, so they match the reference to the dtype's ``TOL`` (one rounding of
-the cast; a bf16 store may round one ulp differently, SPEC §9). Reductions
+the cast; a bf16 store may round one ulp differently, design §9). Reductions
 (dg, dW, the moments) are float32 sums in another order than PyTorch's; each
 such tolerance is explained where it is used.
 
@@ -84,7 +84,7 @@ def _clone_leaf(x):
 
 def _grad_cases(out, device):
     """A random dOut (in a different layout from out: channels_last) and the
-    stride-0 gradient of out.sum() (SPEC §9)."""
+    stride-0 gradient of out.sum() (design §9)."""
     g = torch.randn(out.shape, device=device).to(out.dtype)
     return [("random", make_layout(g, "channels_last")), ("sum", None)]
 
@@ -367,7 +367,7 @@ def test_class_importance(shape, dtypes):
 
 @pytest.mark.kernel
 def test_suppress_of_linear_head_is_class_drop():
-    """suppress(A, conv1x1(A), k) ≈ class_drop(A, conv1x1.weight, k) (SPEC §2).
+    """suppress(A, conv1x1(A), k) ≈ class_drop(A, conv1x1.weight, k) (design §2).
 
     With logits from a linear head, X = W·G exactly, so W_fit = W·G(G + ρI)⁻¹ =
     W − ρ·W(G + ρI)⁻¹ and |W_fit − W|_max ≤ max_j ‖W_j‖₂ · ρ/(λ_min(G) + ρ).
@@ -482,7 +482,7 @@ def test_gpu_opcheck():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=DT.get)
 def test_gpu_peak_memory_w48(op, dtype):
     """fwd+bwd at W48 (B 8, C 720, 128×256, K 19): peak extra memory ≤ 2.2·|A|
-    (SPEC §8: the output and dA, nothing else N-sized). suppress includes the
+    (design §8: the output and dA, nothing else N-sized). suppress includes the
     moments pass, so this also checks kernels/moments.py allocates nothing N-sized."""
     device = cuda_device()
     B, C, H, W, K = 8, 720, 128, 256, 19
@@ -554,7 +554,7 @@ def test_gpu_more_than_2_31_elements(layout):
 
 def _not_interpreting():
     if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("torch.compile cannot trace interpreted kernels (SPEC §9)")
+        pytest.skip("torch.compile cannot trace interpreted kernels (design §9)")
 
 
 def test_cpu_compile_fullgraph_reference_branch():

@@ -1,4 +1,4 @@
-"""DropClassHead (SPEC §6) and the progress() schedule helper.
+"""DropClassHead (design §6) and the progress() schedule helper.
 
 The expected values are written out with torch.nn.functional and the reference
 ops of ``debias_ops.reference`` (never through the module's own code path), so
@@ -121,7 +121,7 @@ def test_train_output_matches_formula(importance, k, label_size):
 
 
 def test_weight_gradient_flows_through_class_drop():
-    """SPEC §3: class_drop is differentiable in class_weight; the head keeps that gradient
+    """design §3: class_drop is differentiable in class_weight; the head keeps that gradient
     (weight_grad=True), and weight_grad=False removes exactly the importance's part."""
     torch.manual_seed(2)
     feats = torch.randn(2, 6, 4, 4)
@@ -226,7 +226,7 @@ def test_autocast(dtype):
     with torch.autocast("cpu", dtype=dtype):
         out = head(feats, target, 0.5, drop=torch.tensor([1, -1]))
     assert out.logits.dtype == dtype and out.logits_drop.dtype == dtype
-    assert out.loss.dtype == torch.float32  # the loss accumulates in fp32 (SPEC §1)
+    assert out.loss.dtype == torch.float32  # the loss accumulates in fp32 (design §1)
     out.loss.backward()
     assert torch.isfinite(feats.grad).all() and torch.isfinite(head.classifier.weight.grad).all()
     # close to the fp32 result: bf16 has 8 mantissa bits, so a few 1e-2 relative

@@ -1,4 +1,4 @@
-"""Property-based parity of the fused ops with the reference (SPEC §2–§5).
+"""Property-based parity of the fused ops with the reference (design §2–§5).
 
 ``hypothesis`` draws small random problems -- B (0 included), C, H, W, K, k,
 the feats / logits dtypes, the memory layout (contiguous, channels_last, a
@@ -103,7 +103,7 @@ def _note(p):
 @given(p=problems(), weight_4d=st.booleans(), wdtype=st.sampled_from(DTYPES),
        needs=st.sampled_from(["both", "feats", "weight"]))
 def test_class_drop_matches_reference(p, weight_4d, wdtype, needs):
-    """out, dA and dW of class_drop (SPEC §3), weight (K, C) or (K, C, 1, 1) in any
+    """out, dA and dW of class_drop (design §3), weight (K, C) or (K, C, 1, 1) in any
     float dtype (dW in the weight's dtype), either input frozen."""
     device = kernel_device()
     _note(p)
@@ -141,7 +141,7 @@ def test_suppress_matches_reference(p, ldtype, llayout):
 @given(p=problems(max_c=24), ldtype=st.sampled_from(DTYPES), llayout=st.sampled_from(LAYOUTS),
        mean=st.sampled_from([0.0, 0.0, 3.0]))
 def test_class_importance_matches_reference(p, ldtype, llayout, mean):
-    """S (K, C) of SPEC §2 vs the reference from the same (rounded) inputs; a
+    """S (K, C) of design §2 vs the reference from the same (rounded) inputs; a
     shifted mean checks the centring (Ā, L̄ removed) of the one-pass moments."""
     device = kernel_device()
     _note(p)
@@ -192,7 +192,7 @@ def loss_problems(draw):
 @settings(**{**SETTINGS, "max_examples": 15})  # the slowest under the interpreter (several s per example)
 @given(p=loss_problems())
 def test_dropclass_loss_matches_reference(p):
-    """loss, CE, CE', sup and both logits' gradients (SPEC §4): random label and
+    """loss, CE, CE', sup and both logits' gradients (design §4): random label and
     logit sizes (bilinear up / down / same size), dtypes per branch, layouts,
     label dtypes and ignore_index, class weights, ignored fractions up to
     every pixel, every drop form."""

@@ -1,4 +1,4 @@
-"""The reference is the spec in code (SPEC §2–§4): these tests check it against
+"""The reference is the spec in code (design §2–§4): these tests check it against
 independent formulations -- float64 gradcheck, F.cross_entropy/F.interpolate,
 the official class_drop formula, and the linear-head property of §2."""
 import pytest
@@ -114,7 +114,7 @@ def test_class_drop_matches_official_formula():
 
 
 def test_suppress_gradient_treats_importance_as_constant():
-    """SPEC §2/§3: the fitted importance is a batch statistic held constant, so
+    """design §2/§3: the fitted importance is a batch statistic held constant, so
     the gradient of suppress w.r.t. feats is exactly dA = dOut·g. gradcheck the
     map A ↦ A·g(S) with S frozen, then check suppress's autograd gradient equals
     dOut·g for a random dOut and for out.sum()."""
@@ -144,7 +144,7 @@ def test_class_drop_gradcheck():
 
 
 def test_class_drop_weight_grad_formula():
-    """dW[j,c] = [W>0]·topk[j,c]·Σ_b keep[b,j]·dg[b,c]/max(1, Σ_j keep[b,j]) (SPEC §3)."""
+    """dW[j,c] = [W>0]·topk[j,c]·Σ_b keep[b,j]·dg[b,c]/max(1, Σ_j keep[b,j]) (design §3)."""
     B, C, K, k = 3, 7, 4, 3
     feats = _feats(B, C, 2, 5)
     W = torch.randn(K, C, dtype=f64, requires_grad=True)

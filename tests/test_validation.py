@@ -1,4 +1,4 @@
-"""Bad input raises ValueError/TypeError naming the argument (SPEC §5), before
+"""Bad input raises ValueError/TypeError naming the argument (design §5), before
 any computation: the reference and fused functions are patched to fail if
 they are reached."""
 import pytest
