@@ -346,7 +346,8 @@ class ContextConflictEval(_Counts):
 
     @torch.no_grad()
     def compute(self, min_pixels: Optional[int] = None) -> ConflictResult:
-        """IoU per view and class; NaN below ``min_pixels`` target pixels (default: the constructor's) or without images."""
+        """IoU per view and class; NaN without images or below ``min_pixels`` target pixels
+        (default: the constructor's)."""
         k = self.counts.cpu()
         tp, fp, fn, images = k.unbind(1)
         pixels = tp + fn
