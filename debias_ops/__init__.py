@@ -12,6 +12,8 @@ Public API (design §5)::
     t    = progress(epoch, epochs)                                # training progress for the head
     model = dropclass(model, importance="weight", alpha=10.0)     # wrap a torchvision/smp model
     ov   = class_overlap(S, k)                                    # K×K top-k channel overlap (disentanglement)
+    st   = ContextStatistics(num_classes); st.update(labels)      # co-occurrence / adjacency of classes
+    ev   = ContextConflictEval(num_classes, st.compute().context) # IoU where a class lacks its context
 
 CUDA tensors run the Triton kernels, anything else the reference; the
 environment variable DEBIAS_OPS_BACKEND (auto | triton | reference) overrides.
@@ -19,6 +21,7 @@ Importing needs torch only (triton is imported when a kernel first runs).
 """
 from .analysis import ClassOverlap, class_overlap
 from .api import class_drop, class_importance, dropclass_loss, suppress
+from .context import ConflictResult, ContextConflictEval, ContextResult, ContextStatistics
 from .integrations import DropClassModel, dropclass, is_dropclass, segmentation_logits
 from .modules import DropClassHead, DropClassOutput, progress
 from .reference import DropClassLoss
@@ -44,6 +47,10 @@ __all__ = [
     "segmentation_logits",
     "class_overlap",
     "ClassOverlap",
+    "ContextStatistics",
+    "ContextResult",
+    "ContextConflictEval",
+    "ConflictResult",
     "set_value_checks",
     "value_checks",
     "value_checks_enabled",
