@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the benchmark CLI (see METHOD.md)."""
+"""``python -m benchmarks``: the benchmark CLI (see benchmarks/README.md)."""
 from __future__ import annotations
 
 import argparse

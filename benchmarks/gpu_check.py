@@ -1,8 +1,7 @@
-"""The GPU check in one device call: the stage plan behind ``scripts/gpu_check.sh``.
+"""The GPU check in one command: the stage plan behind ``scripts/gpu_check.sh``.
 
-A lent GPU machine gives a session 15 minutes of device time in all (its start
-included) and at most 8 files back, so the whole check is one command that
-ends within 8 minutes (``BUDGET_S``). It composes what exists, nothing new:
+The whole check is one command that ends within 8 minutes (``BUDGET_S``) and
+brings its results back in a few files under ``$OUT``. It composes what exists, nothing new:
 
 * ``preflight``: device, driver, torch, Triton, compute-sanitizer; on a
   machine without a CUDA device it stops the run within seconds (exit 2);
@@ -41,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-BUDGET_S = 480          # the whole script; the device call gets timeout_s 560
-MAX_FILES = 8           # files a device call brings back from $OUT
+BUDGET_S = 480          # the whole script (a caller's outer time limit: 560 s leaves a margin)
+MAX_FILES = 8           # at most this many files under $OUT (few, so that they are easy to copy back)
 # what comes back under $OUT (logs.tar.gz is written by the shell script itself)
 FILES = ("summary.md", "results.json", "table.md", "bars.png", "scaling.png", "logs.tar.gz")
 BENCH_BUDGET_S = 120    # python -m benchmarks --budget-s: no new row after this; the stage limit adds a margin
@@ -176,7 +175,7 @@ def preflight(work: Path) -> int:
         info["triton"] = None
     if not torch.cuda.is_available():
         print(f"gpu_check: no CUDA device here (torch {torch.__version__}: torch.cuda.is_available() is False). "
-              "scripts/gpu_check.sh runs on a lent GPU machine, in one device call (benchmarks/METHOD.md); "
+              "scripts/gpu_check.sh runs on a machine with an NVIDIA GPU (benchmarks/README.md); "
               "without a GPU use `make test` and `make bench`.", file=sys.stderr)
         return 2
     if info["triton"] is None:

@@ -1,4 +1,4 @@
-"""The benchmark run behind ``python -m benchmarks`` (see METHOD.md).
+"""The benchmark run behind ``python -m benchmarks`` (see benchmarks/README.md).
 
 GPU mode: copy bandwidth, then every (op, shape, dtype, mode, implementation)
 checked against the reference and timed, then the N / C / B sweeps, then the

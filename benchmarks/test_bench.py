@@ -44,7 +44,7 @@ OPS = ["suppress", "class_drop", "loss", "head"]
 
 def _skip_reason(impl: str):
     if impl == "fused" and not CUDA and not INTERPRET:
-        return "fused kernels need CUDA or TRITON_INTERPRET=1 (see benchmarks/METHOD.md)"
+        return "fused kernels need CUDA or TRITON_INTERPRET=1 (see benchmarks/README.md)"
     if impl == "compile" and INTERPRET:
         return "torch.compile cannot trace interpreted Triton kernels"
     return None

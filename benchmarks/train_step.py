@@ -43,7 +43,7 @@ def run(runner, quick: bool = False) -> List[dict]:
         return _rows(runner, "skipped", "torchvision not installed (optional DeepLabV3-ResNet50 row)")
     head_cls = cases.head_class()
     if head_cls is None:
-        return _rows(runner, "skipped", "debias_ops.DropClassHead not in this checkout (issue 6)")
+        return _rows(runner, "skipped", "debias_ops.DropClassHead not in this checkout")
     rows = _rows(runner, "pending", None)
     try:
         dev = runner.device

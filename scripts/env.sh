@@ -10,7 +10,7 @@
 # * torch 2.14.1 + torchvision 0.29.1: PyPI's torchvision does not import beside
 #   the torch 2.13.0 CPU build (operator torchvision::nms does not exist); this
 #   pair does (a CUDA build that runs on the CPU, Triton 3.8 with it). The tests
-#   use the real torchvision and segmentation_models_pytorch (issue 13).
+#   use the real torchvision and segmentation_models_pytorch, not mocks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_PIN="${DEBIAS_OPS_TORCH_PIN:-torch==2.14.1 torchvision==0.29.1}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU check in one device call, within 8 minutes (benchmarks/METHOD.md):
+# The whole GPU check in one command, within 8 minutes (benchmarks/README.md):
 #
-#   bash scripts/gpu_check.sh            # on a lent GPU: the device `run`, timeout_s 560
+#   bash scripts/gpu_check.sh            # on a machine with an NVIDIA GPU
 #   bash scripts/gpu_check.sh --dry-run  # print the stage plan and run nothing
 #
 # The stages (GPU parity tests, compute-sanitizer, the benchmark CLI, the

@@ -52,7 +52,7 @@ def test_dry_run_prints_the_plan_within_budget(tmp_path):
     assert budget <= bench.limit_s - 45, "the benchmark's budget leaves no margin for its last row and its files"
 
 
-# the checks the GPU stages must select (issue 11): a -k / -m change that drops one fails here
+# the checks the GPU stages must select: a -k / -m change that drops one fails here
 REQUIRED = {
     "tests": ("test_class_drop_shapes_dtypes_layouts", "test_suppress_gate_level", "test_class_importance",
               "test_moments_shapes_dtypes", "test_moments_gpu_full_size", "test_parity_ratios", "test_half_dtypes",
@@ -139,6 +139,6 @@ def test_real_run_without_cuda_fails_fast(tmp_path):
     res = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     took = time.perf_counter() - t
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "gpu_check: no CUDA device here" in res.stderr and "benchmarks/METHOD.md" in res.stderr, res.stderr
+    assert "gpu_check: no CUDA device here" in res.stderr and "benchmarks/README.md" in res.stderr, res.stderr
     assert took < 60, f"took {took:.0f} s"
     assert not list(tmp_path.glob("gpu_check.*")), "the work folder is removed"

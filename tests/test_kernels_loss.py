@@ -1,4 +1,4 @@
-"""Fused DropClass loss (design §4, issue 4) against the reference.
+"""Fused DropClass loss (design §4) against the reference.
 
 Kernel tests (``-m kernel``) run the Triton kernels: on a GPU, or on CPU under
 ``TRITON_INTERPRET=1 DEBIAS_OPS_BACKEND=triton`` (CI). Shapes are tiny but,

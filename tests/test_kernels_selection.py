@@ -1,4 +1,4 @@
-"""Fused suppress / class_drop / class_importance (issue 3) vs the reference.
+"""Fused suppress / class_drop / class_importance (design §2, §3) vs the reference.
 
 Kernel tests (``@pytest.mark.kernel``) run on ``kernel_device()``: CPU under the
 Triton interpreter in CI (tiny shapes), or a GPU. GPU-only tests
