@@ -1,5 +1,5 @@
-"""CPU checks of the one-call GPU check (scripts/gpu_check.sh, benchmarks/gpu_check.py):
-the plan fits the device call (time, files), every stage command exists and parses
+"""CPU checks of the one-command GPU check (scripts/gpu_check.sh, benchmarks/gpu_check.py):
+the plan fits its time budget and file count, every stage command exists and parses
 its arguments, the summary is written from a stage folder, and without a CUDA
 device the real run stops within seconds with a clear message."""
 from __future__ import annotations
