@@ -17,6 +17,7 @@ Statistics, summed over N images:
     images[a]            images in which a is present    cooccurrence[a, b]  images with both a and b
     pixels[a]            valid pixels of a               boundary[a]         boundary pixels of a
     touch[a, b]          pixels of a that touch b (a pixel counts once per class it touches)
+    touch_images[a, b]   images in which some pixel of a touches b (symmetric in a and b)
 
     p_b_given_a[a, b]    = cooccurrence[a, b] / images[a]   P(b present | a present)
     p_a_given_b[a, b]    = cooccurrence[a, b] / images[b]   P(a present | b present)
@@ -24,25 +25,42 @@ Statistics, summed over N images:
     touch_frac_a[a, b]   = touch[a, b] / pixels[a]          fraction of a's pixels that touch b
     touch_frac_b[a, b]   = touch[b, a] / pixels[b]          fraction of b's pixels that touch a
     boundary_share[a, b] = touch[a, b] / boundary[a]        fraction of a's boundary that touches b
+    p_touch[a, b]        = touch_images[a, b] / images[a]   P(a touches b | a present)
+    touch_rate[a, b]     = touch_images[a, b] / cooccurrence[a, b]   P(a touches b | a and b present)
+    touch_lift[a, b]     = touch_rate[a, b] / max(mean_c touch_rate[c, b], mean_c touch_rate[a, c])
 
-A ratio with a zero denominator is NaN. Context rule: b is a context class of a iff
-b ≠ a, b is not in ``exclude``, and
+where both means run over the other classes c ∉ {a, b} with cooccurrence >= min_images (the
+pair's column and row of the touch_rate table; an empty mean is NaN). The touch lift asks whether
+a touches b more often than the other classes touch b, *and* more often than a touches the other
+classes: a neighbour of everything (a background around every object) has touch lift ≈ 1 from
+either side, while a rider standing on a road present in 90% of images has one well above 1.
+
+A ratio with a zero denominator is NaN (the touch lift is +inf when its baseline is 0). Context
+rule: b is a context class of a iff b ≠ a, b is not in ``exclude``, and
 
     images[a]            >= min_images        (default 5: enough evidence about a)
-    p_b_given_a[a, b]    >= min_cooccurrence  (default 0.5: b accompanies a at least half the time)
-    lift[a, b]           >= min_lift          (default 1.25: more often than b's base rate, so a
-                                               class present in over 80% of images is never a context)
     boundary_share[a, b] >= min_touch         (default 0.1: a and b touch, not merely share images)
 
-The boundary share is used rather than touch_frac_a because the latter shrinks as objects
-grow. ``context[a]`` lists a's context classes by decreasing P(b | a); unseen classes have none.
+and at least one of two kinds of dependency holds:
+
+    co-occurrence:  p_b_given_a[a, b] >= min_cooccurrence (default 0.5: b accompanies a at least
+                    half the time) and lift[a, b] >= min_lift (default 1.25: more often than b's
+                    base rate; a class present in over 80% of images never passes this test)
+    adjacency:      p_touch[a, b] >= min_cooccurrence (a touches b at least half the time) and
+                    touch_lift[a, b] >= min_touch_lift (default 1.25)
+
+The adjacency test is what finds the context of a near-ubiquitous class (the road under a rider)
+and rejects a class that touches everything (lift ≈ 1 on both sides). The boundary share is used
+rather than touch_frac_a because the latter shrinks as objects grow. ``context[a]`` lists a's
+context classes by decreasing P(b | a), then P(a touches b | a); unseen classes have none.
 
 Context-conflict evaluation. Given context sets ctx(c), per class c and view, count over
 valid target pixels TP (target c, predicted c), FP (target not c, predicted c) and FN
 (target c, predicted not c); a prediction outside [0, num_classes) is "no class". Views:
 
     all              every image
-    conflict_images  images in which c is present and no class of ctx(c) is present
+    conflict_images  images in which c is present and no pixel of c touches a pixel of ctx(c)
+                     (c without its context: the context absent, or present but elsewhere)
     conflict_pixels  images in which c is present, minus the 1-pixel contact band: the pixels of c
                      adjacent to a ctx(c) pixel and the ctx(c) pixels adjacent to a c pixel. So
                      TP + FN = the pixels of c not adjacent to its context, and FP = false c
@@ -107,6 +125,21 @@ def _near(mask: torch.Tensor) -> torch.Tensor:
     return up | down | left | right
 
 
+def _touches(lab: torch.Tensor, valid: torch.Tensor, C: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(per image [a, b]: pixels of a that touch b (B, C, C), boundary mask (B, H, W)); labels as from _labels."""
+    B = lab.shape[0]
+    nbs = _neighbours(lab, C)
+    image = torch.arange(B, device=lab.device).view(B, 1, 1)
+    keys, touches = [], torch.zeros_like(valid)
+    for i, nb in enumerate(nbs):
+        ok = valid & (nb < C) & (nb != lab)
+        touches |= ok
+        for prev in nbs[:i]:  # a pixel touching b on two sides counts once
+            ok &= nb != prev
+        keys.append(torch.where(ok, (image * C + lab) * C + nb, B * C * C))
+    return _count(torch.stack(keys), B * C * C).view(B, C, C), touches
+
+
 def _div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = torch.broadcast_tensors(a.double(), b.double())
     ok = b > 0
@@ -169,6 +202,22 @@ class _Counts:
             raise ValueError(f"settings differ: {', '.join(f'{k}={meta.get(k)!r} vs {mine[k]!r}' for k in bad)}")
 
 
+def _touch_lift(touch_images: torch.Tensor, cooc: torch.Tensor, min_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(touch_rate, touch_lift) of the module docstring, float64 (C, C)."""
+    rate = _div(touch_images, cooc)
+    use = (cooc >= max(int(min_images), 1)) & ~torch.eye(cooc.shape[0], dtype=torch.bool)
+    r = torch.where(use, rate, torch.zeros_like(rate))
+    u = use.double()
+    # column b of rate without rows a and b: (sum over used c of rate[c, b]) - rate[a, b] if (a, b) is used
+    col_n, col_s = u.sum(0)[None, :] - u, r.sum(0)[None, :] - r
+    row_n, row_s = u.sum(1)[:, None] - u, r.sum(1)[:, None] - r
+    col = torch.where(col_n > 0, col_s / col_n.clamp(min=1), torch.full_like(r, _NAN))
+    row = torch.where(row_n > 0, row_s / row_n.clamp(min=1), torch.full_like(r, _NAN))
+    lift = rate / torch.maximum(col, row)  # NaN propagates through maximum; x / 0 = inf, 0 / 0 = NaN
+    lift.fill_diagonal_(_NAN)
+    return rate, lift
+
+
 @dataclass(frozen=True)
 class ContextResult:
     """:meth:`ContextStatistics.compute`'s result (module docstring): CPU tensors, counts int64,
@@ -186,6 +235,10 @@ class ContextResult:
     touch_frac_a: torch.Tensor
     touch_frac_b: torch.Tensor
     boundary_share: torch.Tensor
+    touch_images: torch.Tensor
+    p_touch: torch.Tensor
+    touch_rate: torch.Tensor
+    touch_lift: torch.Tensor
     context: Tuple[Tuple[int, ...], ...]
 
 
@@ -195,7 +248,7 @@ class ContextStatistics(_Counts):
     ``update(target)`` accepts (B, H, W) or (H, W) integer label maps on any device; the
     counts move to that device and ``update`` never syncs with the host."""
 
-    _state = ("num_images", "images", "pixels", "boundary", "cooccurrence", "touch")
+    _state = ("num_images", "images", "pixels", "boundary", "cooccurrence", "touch", "touch_images")
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device: Optional[torch.device] = None):
         if num_classes < 1:
@@ -206,6 +259,7 @@ class ContextStatistics(_Counts):
         self.images, self.pixels, self.boundary = (torch.zeros(C, dtype=torch.long, device=device) for _ in range(3))
         self.cooccurrence = torch.zeros(C, C, dtype=torch.long, device=device)
         self.touch = torch.zeros(C, C, dtype=torch.long, device=device)
+        self.touch_images = torch.zeros(C, C, dtype=torch.long, device=device)
 
     @torch.no_grad()
     def update(self, target: torch.Tensor) -> None:
@@ -219,20 +273,14 @@ class ContextStatistics(_Counts):
         self.images += present.sum(0)
         self.cooccurrence += (present[:, :, None] & present[:, None, :]).sum(0)
         self.pixels += _count(lab, C)
-        nbs = _neighbours(lab, C)
-        keys, touches = [], torch.zeros_like(valid)
-        for i, nb in enumerate(nbs):
-            ok = valid & (nb < C) & (nb != lab)
-            touches |= ok
-            for prev in nbs[:i]:  # a pixel touching b on two sides counts once
-                ok &= nb != prev
-            keys.append(torch.where(ok, lab * C + nb, C * C))
-        self.touch += _count(torch.stack(keys), C * C).view(C, C)
+        per_image, touches = _touches(lab, valid, C)
+        self.touch += per_image.sum(0)
+        self.touch_images += (per_image > 0).sum(0)
         self.boundary += _count(torch.where(touches, lab, C), C)
 
     @torch.no_grad()
     def compute(self, *, min_images: int = 5, min_cooccurrence: float = 0.5, min_lift: float = 1.25,
-                min_touch: float = 0.1, exclude: Sequence[int] = ()) -> ContextResult:
+                min_touch: float = 0.1, min_touch_lift: float = 1.25, exclude: Sequence[int] = ()) -> ContextResult:
         """Ratios and context sets from the counts; thresholds as in the module docstring.
         ``exclude``: classes (e.g. background) never reported as anyone's context."""
         s = {n: getattr(self, n).cpu() for n in self._state}
@@ -240,19 +288,23 @@ class ContextStatistics(_Counts):
         p_b_given_a = _div(cooc, images[:, None])
         lift = _div(p_b_given_a, _div(images, N)[None, :])
         share = _div(touch, s["boundary"][:, None])
-        ok = (images[:, None] >= min_images) & (p_b_given_a >= min_cooccurrence) & (lift >= min_lift)
-        ok &= share >= min_touch  # comparisons with NaN are False
+        p_touch = _div(s["touch_images"], images[:, None])
+        rate, touch_lift = _touch_lift(s["touch_images"], cooc, min_images)
+        enough = (images[:, None] >= min_images) & (share >= min_touch)  # comparisons with NaN are False
+        by_cooccurrence = (p_b_given_a >= min_cooccurrence) & (lift >= min_lift)
+        by_adjacency = (p_touch >= min_cooccurrence) & (touch_lift >= min_touch_lift)
+        ok = enough & (by_cooccurrence | by_adjacency)
         ok.fill_diagonal_(False)
         ok[:, list(exclude)] = False
-        context = tuple(
-            tuple(sorted(ok[a].nonzero().flatten().tolist(), key=lambda b, a=a: (-p_b_given_a[a, b].item(), b)))
-            for a in range(self.num_classes)
-        )
+        order = lambda b, a: (-p_b_given_a[a, b].item(), -p_touch[a, b].item(), b)
+        context = tuple(tuple(sorted(ok[a].nonzero().flatten().tolist(), key=lambda b, a=a: order(b, a)))
+                        for a in range(self.num_classes))
         return ContextResult(
             num_images=int(N), images=images, pixels=s["pixels"], boundary=s["boundary"], cooccurrence=cooc,
             touch=touch, p_b_given_a=p_b_given_a, p_a_given_b=_div(cooc, images[None, :]), lift=lift,
             touch_frac_a=_div(touch, s["pixels"][:, None]), touch_frac_b=_div(touch.T, s["pixels"][None, :]),
-            boundary_share=share, context=context,
+            boundary_share=share, touch_images=s["touch_images"], p_touch=p_touch, touch_rate=rate,
+            touch_lift=touch_lift, context=context,
         )
 
 
@@ -331,8 +383,8 @@ class ContextConflictEval(_Counts):
         present = conf.sum(2) > 0
         stats = torch.stack([tp, conf[:, :, :C].sum(1) - tp, conf.sum(2) - tp, present.long()])  # (4, B, C)
         ctx = self._ctx[:C, :C]
-        ctx_present = present.double() @ ctx.T.double() > 0
-        conflict = present & ~ctx_present & ctx.any(1)
+        touches_ctx = ((_touches(lab, valid, C)[0] > 0) & ctx).any(2)  # (B, C): some c pixel touches ctx(c)
+        conflict = present & ~touches_ctx & ctx.any(1)
         self.counts[0] += stats.sum(1)
         self.counts[1] += (stats * conflict).sum(1)
         for c, ctx_c in enumerate(self.context):

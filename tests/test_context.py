@@ -30,8 +30,9 @@ def _nbs(m, i, j):
 
 def stats_loops(maps, C, ignore=255):
     images, pixels, boundary = (torch.zeros(C, dtype=torch.long) for _ in range(3))
-    cooc, touch = torch.zeros(C, C, dtype=torch.long), torch.zeros(C, C, dtype=torch.long)
+    cooc, touch, touch_images = (torch.zeros(C, C, dtype=torch.long) for _ in range(3))
     for m in maps.tolist():
+        touched = set()
         present = {v for row in m for v in row if _valid(v, C, ignore)}
         for a in present:
             images[a] += 1
@@ -46,8 +47,11 @@ def stats_loops(maps, C, ignore=255):
                 boundary[a] += bool(others)
                 for b in others:
                     touch[a, b] += 1
+                    touched.add((a, b))
+        for a, b in touched:
+            touch_images[a, b] += 1
     return dict(num_images=torch.tensor(len(maps)), images=images, pixels=pixels, boundary=boundary,
-                cooccurrence=cooc, touch=touch)
+                cooccurrence=cooc, touch=touch, touch_images=touch_images)
 
 
 def eval_loops(preds, maps, C, context, ignore=255):
@@ -58,7 +62,8 @@ def eval_loops(preds, maps, C, context, ignore=255):
             ctx = set(context[c])
             band = {(i, j) for i, row in enumerate(m) for j, v in enumerate(row)
                     if (v == c and ctx & set(_nbs(m, i, j))) or (v in ctx and c in _nbs(m, i, j))}
-            views = [(0, True, set()), (1, c in present and ctx and not ctx & present, set()),
+            # c without its context: no pixel of c has a context pixel among its neighbours
+            views = [(0, True, set()), (1, c in present and ctx and not any(m[i][j] == c for i, j in band), set()),
                      (2, c in present and bool(ctx), band)]
             for v, included, skip in views:
                 if not included:
@@ -120,6 +125,55 @@ def test_planted_context_is_found():
     assert stats.compute(min_lift=1.0).context[2] == (0, 1)
     assert stats.compute(min_lift=1.0, exclude=[0]).context[2] == (1,)
     assert torch.isnan(res.p_b_given_a[4]).all() and torch.isnan(res.lift[:, 4]).all()
+
+
+def street(i, on_road):
+    """Road (1) along the bottom of every image; a rider (2) on it or away from it; a sign (3) in the air."""
+    m = torch.zeros(10, 12, dtype=torch.long)
+    m[7:, :] = 1
+    if on_road is not None:
+        m[(4 if on_road else 1):(7 if on_road else 4), 2:4] = 2  # on the road: the bottom row touches it
+    if i % 2 == 0:
+        m[1:3, 8:10] = 3
+    return m
+
+
+def test_context_of_a_ubiquitous_class_is_found_by_adjacency():
+    # the rider stands on the road in 9 of its 10 images; the road is in every image (lift 1),
+    # the background touches everything (touch lift about 1), the sign never touches the road
+    maps = torch.stack([street(i, on_road=i != 0 if i < 10 else None) for i in range(16)])
+    stats = ContextStatistics(4)
+    stats.update(maps)
+    res = stats.compute()
+    assert res.lift[2, 1] == 1.0 and res.p_b_given_a[2, 1] == 1.0 and res.p_touch[2, 1] == 0.9
+    assert res.touch_images[2, 1] == res.touch_images[1, 2] == 9
+    # touch_rate column "road": background 16/16, rider 9/10, sign 0/8; row "rider": background 1, sign 0/5
+    assert res.touch_rate[2, 1] == 0.9 and res.touch_rate[3, 1] == 0.0 and res.touch_rate[0, 1] == 1.0
+    assert_close(res.touch_lift[2, 1], torch.tensor(0.9 / max((1.0 + 0.0) / 2, (1.0 + 0.0) / 2),
+                                                    dtype=torch.float64), name="touch lift")
+    assert res.touch_lift[0, 1] < 1.25  # background: the road is no more its neighbour than anyone's
+    assert res.context[2] == (1,) and res.context[3] == () and res.context[0] == ()
+    assert stats.compute(min_touch_lift=2.0).context[2] == ()  # the co-occurrence test alone misses it
+    assert stats.compute(exclude=[1]).context[2] == ()
+
+
+def test_touch_lift_matches_the_definition():
+    t = random_maps(12, 6, 8, C=5, seed=5, ignore_frac=0.3)
+    t[::3][t[::3] == 4] = 0  # class 4 absent from a third of the images
+    stats = ContextStatistics(5)
+    stats.update(t)
+    res = stats.compute(min_images=3)
+    ti, cooc = res.touch_images.double(), res.cooccurrence.double()
+    expected = torch.full((5, 5), NAN, dtype=torch.float64)
+    for a in range(5):
+        for b in range(5):
+            if a == b or cooc[a, b] == 0:
+                continue
+            col = [ti[c, b] / cooc[c, b] for c in range(5) if c not in (a, b) and cooc[c, b] >= 3]
+            row = [ti[a, c] / cooc[a, c] for c in range(5) if c not in (a, b) and cooc[a, c] >= 3]
+            expected[a, b] = ti[a, b] / cooc[a, b] / max(sum(col) / len(col), sum(row) / len(row))
+    assert_close(res.touch_lift, expected, name="touch_lift")
+    assert_close(res.p_touch, ti / res.images.double()[:, None], name="p_touch")
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (1, 7, 37), (7, 37), (2, 1, 9)])
