@@ -1,40 +1,27 @@
 """A segmentation task with a co-occurrence shortcut, and one training run on it.
 
-This module is the benchmark's data and model; ``study/bias_grid.py`` runs
-the calibration and the pre-registered grid on it, ``study/bias_report.py``
-turns the runs into verdicts. One run::
+This module is the study's data and model; ``study/registry.py`` holds the
+registered settings, ``study/bias_grid.py`` runs the calibration and the grid,
+``study/bias_report.py`` turns the runs into verdicts (study/README.md). One run::
 
     from study import synthetic_bias as sb
-    res = sb.train_run(sb.Config(), sb.Method(alpha=1.0), seed=0, steps=300)
+    res = sb.train_run(sb.Config(cue_flip=0.2), sb.Method(alpha=10.0, per_sample=False), seed=0, steps=600)
 
-Data (generated in code, deterministic by seed): S×S images (S = 32) with
-K = 6 classes,
-
-    0 background   dark, noisy
-    1 road         frequent: a large red band in ~90% of images
-    2 rider        RARE: a small teal square with vertical stripes, in ~25% of images
-    3 sign         a teal square with horizontal stripes (same colour as the rider:
-                   the stripe direction is the only local cue), in ~25% of images
-    4 car          a blue blob, in ~50% of images, anywhere
-    5 bicycle      a yellow 4-pixel-high bar, in ~30% of images
-
-The shortcut: in training the rider sits on its *context* with probability
-``bias`` and the sign away from it (and the other way round otherwise).
-The context is the road (``context="road"``: a background region) or a bicycle
-(``context="bicycle"``: another class's object, the paper's motivating case of a
-rider on a bicycle; a bicycle is added where the rider needs one). Two test
-splits: "ordinary" (the training distribution) and "conflicting" (every rider
-away from its context, every sign on it). A network that learned "teal on the
-context = rider" fails on the conflicting split.
+Data: the generated scenes of ``debias_ops.recipe.scenes`` (its docstring has the
+classes, the shortcut and the noisy local cue ``cue_flip``): 32×32 images, six
+classes, a rare *rider* that in training sits on its context (the road) with
+probability ``bias``; two test splits, "ordinary" (the training distribution)
+and "conflicting" (every rider off the road, every sign on it).
 
 Model: a small dilated conv net (``Net``: features C = ``width`` at half
 resolution, receptive field wide enough to see the context) ending in a 1×1
 ``classifier``. The baseline trains it with plain cross-entropy; DropClass wraps
 it with ``debias_ops.dropclass`` (the classifier's weight reused) under a
-:class:`Method`. Both train through the project's one loop
-(``debias_ops.recipe.train_steps``) from the same initial weights on the same
-batches (seeded by the run's seed), and are evaluated with
-``debias_ops.recipe.evaluate`` (torchmetrics' per-class IoU).
+:class:`Method`, the selector's BatchNorm momentum set to ``Method.bn_momentum``
+(default 0.01, the authors'). Both train through the project's one loop
+(``debias_ops.recipe.loop.train_steps``) from the same initial weights on the
+same batches (seeded by the run's seed), and are evaluated with
+``debias_ops.recipe.loop.evaluate`` (torchmetrics' per-class IoU).
 
 On a CUDA device the ops dispatch to the fused Triton kernels (design §5).
 """
@@ -92,6 +79,7 @@ class Method:
     schedule: "paper" (p = t, lam = 1 - t) or "constant" (p = p_const, lam = 1 - p_const).
     pretrain: steps of backbone pre-training before the run (0: a random backbone), see
     :func:`pretrain_backbone`.
+    bn_momentum: the momentum of the selector's BatchNorm (the authors' 0.01; PyTorch's default is 0.1).
     """
 
     baseline: bool = False
@@ -101,6 +89,7 @@ class Method:
     importance: str = "weight"
     per_sample: bool = True
     pretrain: int = 0
+    bn_momentum: float = 0.01
 
 
 BASELINE = Method(baseline=True)
@@ -136,8 +125,40 @@ def build(cfg: Config, method: Method, device, seed: int = 0) -> nn.Module:
         pretrain_backbone(net, cfg, seed, method.pretrain, device)
     if method.baseline:
         return net
-    return dops.dropclass(net, classifier="classifier", importance=method.importance, alpha=method.alpha,
-                          per_sample=method.per_sample)
+    model = dops.dropclass(net, classifier="classifier", importance=method.importance, alpha=method.alpha,
+                           per_sample=method.per_sample)
+    for m in model.selector.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = method.bn_momentum
+    return model
+
+
+@torch.no_grad()
+def recalibrate_selector_bn(model: nn.Module, images: torch.Tensor, device, chunk: int = 200) -> None:
+    """Recompute the selector's BatchNorm statistics on all-kept features (an eval-path variant).
+
+    In training the selector sees the drop path's suppressed features, so its running
+    statistics are those of features with a class dropped (or, early on, none); the eval
+    path feeds it all-kept features. This resets the statistics and re-estimates them as
+    the plain average over ``images`` (in chunks) of the batch mean and variance of
+    ``selector``'s input on the inference path, every other layer in eval mode; the
+    weights do not change.
+    """
+    bns = [m for m in model.selector.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    was = model.training
+    saved = [m.momentum for m in bns]
+    model.eval()
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+            m.train()
+        for i in range(0, len(images), chunk):
+            model(images[i:i + chunk].to(device))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -162,15 +183,17 @@ def train_run(cfg: Config, method: Method, seed: int, steps: int, *, device="cpu
     """Train one model (``method``) for ``steps`` steps on seed ``seed``'s data; evaluate on both splits.
 
     Returns a JSON-able dict: per-class IoU on each split (``iou``); for DropClass also the IoU through
-    the plain path classifier(feats) without the selector (``iou_plain``, a diagnostic); the class
+    the plain path classifier(feats) without the selector (``iou_plain``, a diagnostic) and through the
+    inference path after :func:`recalibrate_selector_bn` on the training images (``iou_recal``); the class
     overlap of the classifier's weight (``overlap``: matrix and mean, k = C // 4); coarse training
-    curves of the loss terms (``curves``); wall time and versions. A class absent from both the labels
-    and the predictions of a split (NaN in torchmetrics) is stored as IoU 0; at the benchmark's test
-    sizes every class occurs in every test split (checked for all of ``bias_grid.DATA`` and seeds
-    0-4), so this touches only tiny smoke runs.
+    curves of the loss terms (``curves``); training time ``train_s`` and the whole run's time
+    ``total_s`` (data, training, evaluation); versions. A class absent from both the labels and the
+    predictions of a split (NaN in torchmetrics) is stored as IoU 0; at the study's test size (400
+    images per split) every class occurs in every test split, so this touches only tiny smoke runs.
     """
     from debias_ops.recipe.loop import constant_schedule, evaluate, paper_schedule, train_steps
 
+    t_start = time.perf_counter()
     device = torch.device(device)
     data = data or splits(cfg, seed)
     torch.manual_seed(seed)  # the same initial weights for every method of a seed
@@ -202,4 +225,7 @@ def train_run(cfg: Config, method: Method, seed: int, steps: int, *, device="cpu
            "train_s": train_s, "versions": _versions()}
     if not method.baseline:
         res["iou_plain"] = iou_on(net)  # the hook is idle outside DropClassModel's calls: the plain net
+        recalibrate_selector_bn(model, data["train"][0], device)
+        res["iou_recal"] = iou_on(model)
+    res["total_s"] = time.perf_counter() - t_start
     return res

@@ -19,6 +19,16 @@ splits: "ordinary" (the training distribution) and "conflicting" (every rider
 away from its context, every sign on it). A network that learned "teal on the
 context = rider" fails on the conflicting split.
 
+A noisy local cue (``cue_flip`` = q > 0, as the noisy shape label of Colored
+MNIST): in training the stripe direction of each rider and each sign is
+swapped with probability q (a rider then carries the sign's horizontal
+stripes and the other way round); the test splits keep the true stripes. The
+stripe then predicts the class in a fraction 1 − q of training objects and
+the context in a fraction ``bias``; with q > 1 − bias the context is the
+better cue in training, so a model trained to convergence keeps the shortcut
+(the Bayes classifier given both cues follows the context where they
+disagree). With q = 0 (the default) the data are those of earlier versions.
+
 The recipe trains on these scenes in seconds on a CPU (a smoke run of the whole
 pipeline); the debiasing study in the repository's ``study/`` folder measures
 DropClass on them.
@@ -54,6 +64,7 @@ class Config:
     rare_p: float = 0.25    # P(an image holds a rider)
     noise: float = 0.45     # pixel noise std
     stripe: float = 0.5     # stripe amplitude (the only local cue separating rider from sign)
+    cue_flip: float = 0.0   # P(a training rider's or sign's stripe direction is swapped); test splits: never
     width: int = 32         # feature channels C
     batch: int = 32
     lr: float = 3e-3
@@ -98,6 +109,9 @@ def make_split(n: int, seed: int, cfg: Config, mode: str) -> tuple:
         raise ValueError(f"mode must be train, ordinary or conflicting, got {mode!r}")
     if cfg.context not in ("road", "bicycle"):
         raise ValueError(f"context must be 'road' or 'bicycle', got {cfg.context!r}")
+    if not 0.0 <= cfg.cue_flip <= 1.0:
+        raise ValueError(f"cue_flip must be in [0, 1], got {cfg.cue_flip!r}")
+    flips = mode == "train" and cfg.cue_flip > 0  # no extra draws otherwise: q = 0 keeps the old data
     rng = np.random.default_rng(seed)
     S = cfg.size
     imgs = np.zeros((n, 3, S, S), np.float32)
@@ -134,16 +148,20 @@ def make_split(n: int, seed: int, cfg: Config, mode: str) -> tuple:
         if bike is not None:
             lab[bike[0]:bike[1], bike[2]:bike[3]] = BICYCLE
         context = bike if cfg.context == "bicycle" else road
+        swapped = set()
         for cls, on, s in objects:
             y, x = _touching(rng, context, s, S) if on and context is not None else _away(rng, context, s, S)
             lab[y:y + s, x:x + s] = cls
+            if flips and rng.random() < cfg.cue_flip:
+                swapped.add(cls)
         img = imgs[i]
         for c, col in _COLOUR.items():
             m = lab == c
             for ch in range(3):
                 img[ch][m] = col[ch]
-        img[:, lab == RARE] += cfg.stripe * stripes_v[lab == RARE]
-        img[:, lab == SIGN] += cfg.stripe * stripes_h[lab == SIGN]
+        for cls, own, other in ((RARE, stripes_v, stripes_h), (SIGN, stripes_h, stripes_v)):
+            m = lab == cls
+            img[:, m] += cfg.stripe * (other if cls in swapped else own)[m]
         img += cfg.noise * rng.standard_normal(img.shape).astype(np.float32)
     return torch.from_numpy(imgs), torch.from_numpy(labels)
 
