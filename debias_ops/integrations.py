@@ -41,6 +41,23 @@ Finding the classifier (``classifier=None``):
   the DropClass inference logits and the model's own forward does the rest; in
   training the hook stops the model's forward right after the tap (nothing
   after the classifier runs, e.g. an aux head: its parameters get no gradient).
+  The first call (eager, not under torch.compile) runs the plain model once more
+  in eval mode without gradient to check the tap: a classifier that ``forward``
+  never calls, or calls more than once, raises a TypeError naming it; modules
+  with trainable parameters that run after it are named in a warning.
+
+Each family is one adapter (:mod:`debias_ops.adapters`), chosen when the model
+is wrapped. The settings are one :class:`~debias_ops.DropClassOptions`
+(``wrapped.options``), built from the keywords or passed as ``options=``.
+
+Right after wrapping, eval predictions change: the eval path runs the features
+through the new, untrained selector (1×1 conv → BatchNorm → ReLU), so a trained
+model's accuracy drops until DropClass training has fitted the selector. The
+original model is untouched and still answers as before: ``wrapped.model(x)``.
+No initialisation of the selector makes the wrapped model's output equal the
+original's in general (see :class:`DropClassModel`). A training-mode call
+without a target warns: it returns the inference path, and only
+``wrapped(images, target, progress=t)`` trains DropClass.
 
 Training never materialises upsampled logits: the model's forward is run up to
 the classifier's input only (explicitly for the known families, by the hook
@@ -73,7 +90,6 @@ quantise ``t`` to limit recompilations (:func:`debias_ops.progress`). Autocast a
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from typing import Callable, Optional, Union
 
 import torch
@@ -81,7 +97,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import api as _api
+from .adapters import FamilyAdapter, GenericAdapter, adapter_for, last_conv_path
 from .modules import DropClassBranches
+from .options import SELECTOR_BN_MOMENTUM, DropClassOptions
 
 __all__ = ["dropclass", "DropClassModel", "is_dropclass", "segmentation_logits"]
 
@@ -95,56 +113,7 @@ _LOOKED_FOR = (
 )
 
 
-class _Stop(Exception):
-    """Raised by the generic tap to end the model's forward at the classifier; ``args[0]`` = its input."""
-
-
 # ---------------------------------------------------------------------- discovery
-def _family(model: nn.Module) -> Optional[str]:
-    """'torchvision', 'lraspp', 'smp' or None, by class (the libraries are imported only if installed)."""
-    try:
-        from torchvision.models.segmentation._utils import _SimpleSegmentationModel
-        from torchvision.models.segmentation.lraspp import LRASPP
-    except ImportError:  # pragma: no cover - torchvision missing
-        _SimpleSegmentationModel = LRASPP = ()
-    if _SimpleSegmentationModel and isinstance(model, _SimpleSegmentationModel):
-        return "torchvision"
-    if LRASPP and isinstance(model, LRASPP):
-        return "lraspp"
-    try:
-        from segmentation_models_pytorch.base import SegmentationModel
-    except ImportError:  # pragma: no cover - smp missing
-        return None
-    return "smp" if isinstance(model, SegmentationModel) else None
-
-
-def _last_conv_path(model: nn.Module, name: str, last: bool) -> Optional[str]:
-    """Path of ``name`` if it is a Conv2d, or of its last (``last``) / first item if it is a Sequential."""
-    try:
-        m = model.get_submodule(name)
-    except AttributeError:
-        return None
-    if isinstance(m, nn.Conv2d):
-        return name
-    if isinstance(m, nn.Sequential) and len(m) > 0:
-        idx = len(m) - 1 if last else 0
-        if isinstance(m[idx], nn.Conv2d):
-            return f"{name}.{idx}"
-    return None
-
-
-def _family_paths(model: nn.Module, family: Optional[str]) -> Optional[tuple]:
-    if family == "torchvision":
-        p = _last_conv_path(model, "classifier", last=True)
-        return (p,) if p is not None and p != "classifier" else None
-    if family == "lraspp":
-        return ("classifier.low_classifier", "classifier.high_classifier")
-    if family == "smp":
-        p = _last_conv_path(model, "segmentation_head", last=False)
-        return (p,) if p is not None and p != "segmentation_head" else None
-    return None
-
-
 def _path_of(model: nn.Module, classifier) -> str:
     if isinstance(classifier, str):
         try:
@@ -162,6 +131,25 @@ def _path_of(model: nn.Module, classifier) -> str:
                 return _path_of(model, name)
         raise TypeError(f"dropclass: the classifier module given is not a submodule of {type(model).__name__}")
     raise TypeError(f"dropclass: classifier must be None, a dotted path or a submodule, got {type(classifier).__name__}")
+
+
+def _classifier_paths(model: nn.Module, classifier) -> tuple:
+    """(paths, adapter): the classifier conv path(s) and the family adapter that runs them."""
+    cls = adapter_for(model)
+    own = cls.find(model) if cls is not None else None
+    if classifier is None:
+        if own is not None:
+            return own, cls()
+        for name in _GENERIC_PATHS:
+            p = last_conv_path(model, name, last=name == "classifier")
+            if p is not None:
+                return (p,), GenericAdapter()
+        raise TypeError(f"dropclass: found no 1×1 classifier conv in {type(model).__name__}; looked for "
+                        f"{_LOOKED_FOR}. Name it: dropclass(model, classifier='dotted.path.to.conv')")
+    paths = (_path_of(model, classifier),)
+    if own is not None and paths == own:
+        return paths, cls()
+    return paths, GenericAdapter()  # a classifier of the user's choice: the generic tap
 
 
 def _check_convs(convs, importance: str, where: str) -> None:
@@ -192,81 +180,83 @@ class DropClassModel(DropClassBranches):
     whose ``loss`` includes ``aux_weight · CE(aux logits)`` when set; the logits
     are at the classifier's resolution.
 
-    Attributes: ``model`` (the original model), ``selector``, ``classifier_paths``
-    (the dotted path(s) of the reused conv(s)), ``family`` ('torchvision',
-    'lraspp', 'smp' or 'generic'), ``aux_weight``.
+    Attributes: ``model`` (the original model), ``selector``, ``options``
+    (:class:`~debias_ops.DropClassOptions`), ``adapter`` (the family's
+    :class:`~debias_ops.adapters.FamilyAdapter`), ``classifier_paths`` (the dotted
+    path(s) of the reused conv(s)), ``family`` ('torchvision', 'lraspp', 'smp' or
+    'generic'), ``aux_weight``.
+
+    Eval output right after wrapping is *not* the original model's: the selector
+    is new and untrained. An initialisation making it the identity does not exist
+    in general: the eval path is ``classifier(ReLU(BN(conv(g ⊙ feats))))`` with the
+    gate g of design §3; undoing g with a diagonal conv needs every g_c > 0 (a
+    channel outside every class's top-k has g_c = 0) and, for
+    ``importance="logits"``, a gate that changes with every batch; the ReLU
+    discards negative features; and in training the BatchNorm normalises with batch
+    statistics and its running statistics move to the drop path's, so the
+    equality would not outlive the first steps while the selector would start
+    away from the method's (random) initialisation. ``wrapped.model(images)`` is
+    the original model's output at any time.
     """
 
     def __init__(self, model: nn.Module, classifier: Union[None, str, nn.Module] = None, *,
                  importance: str = "weight", k: Optional[int] = None, alpha: float = 10.0, per_sample: bool = True,
                  weight: Optional[torch.Tensor] = None, ignore_index: int = 255, aux_weight: Optional[float] = None,
-                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, weight_grad: bool = True) -> None:
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+                 selector_bn_momentum: Optional[float] = SELECTOR_BN_MOMENTUM, weight_grad: bool = True,
+                 options: Optional[DropClassOptions] = None) -> None:
+        options = DropClassOptions.build(options, importance=importance, k=k, alpha=alpha, per_sample=per_sample,
+                                         weight=weight, ignore_index=ignore_index, aux_weight=aux_weight,
+                                         norm_layer=norm_layer, selector_bn_momentum=selector_bn_momentum,
+                                         weight_grad=weight_grad)
         if not isinstance(model, nn.Module):
             raise TypeError(f"dropclass: model must be an nn.Module, got {type(model).__name__}")
         if isinstance(model, DropClassModel):
             raise TypeError("dropclass: the model is already a DropClassModel")
-        family = _family(model)
-        own = _family_paths(model, family)
-        if classifier is None:
-            paths = own
-            if paths is None:
-                family = None
-                for name in _GENERIC_PATHS:
-                    p = _last_conv_path(model, name, last=name == "classifier")
-                    if p is not None:
-                        paths = (p,)
-                        break
-            if paths is None:
-                raise TypeError(f"dropclass: found no 1×1 classifier conv in {type(model).__name__}; looked for "
-                                f"{_LOOKED_FOR}. Name it: dropclass(model, classifier='dotted.path.to.conv')")
-        else:
-            paths = (_path_of(model, classifier),)
-            if own is None or paths != own:
-                family = None  # a classifier of the user's choice: the generic tap
+        paths, adapter = _classifier_paths(model, classifier)
         convs = [model.get_submodule(p) for p in paths]
-        _check_convs(convs, importance, " + ".join(paths))
+        _check_convs(convs, options.importance, " + ".join(paths))
         K = convs[0].out_channels
         if any(c.out_channels != K for c in convs):
             raise TypeError(f"dropclass: the classifier convs {paths} disagree on the number of classes")
         C = sum(c.in_channels for c in convs)
-        super().__init__(C, K, importance, k, alpha, per_sample, weight=weight, ignore_index=ignore_index,
-                         norm_layer=norm_layer, weight_grad=weight_grad)
+        super().__init__(C, K, options)
         w = convs[0].weight
         self.selector.to(device=w.device, dtype=w.dtype)
         if self.ce_weight is not None:
             self.ce_weight = self.ce_weight.to(w.device)
         self.model = model
-        self.family = family or "generic"
+        self.adapter: FamilyAdapter = adapter
+        self.family = adapter.name
         self.classifier_paths = tuple(paths)
 
-        aux = getattr(model, "aux_classifier", None) if self.family == "torchvision" else None
-        if aux_weight is not None:
-            if isinstance(aux_weight, bool) or not isinstance(aux_weight, (int, float)) or aux_weight < 0:
-                raise TypeError(f"aux_weight must be a non-negative float or None, got {aux_weight!r}")
-            if aux is None:
-                raise ValueError(f"aux_weight={aux_weight} but {type(model).__name__} has no aux_classifier that "
-                                 "dropclass knows how to train (torchvision models built with aux_loss=True)")
-            aux_weight = float(aux_weight)
+        aux_weight = options.aux_weight
+        if aux_weight is not None and adapter.aux_head(model) is None:
+            raise ValueError(f"aux_weight={aux_weight} but {type(model).__name__} has no aux_classifier that "
+                             "dropclass knows how to train (torchvision models built with aux_loss=True)")
         self.aux_weight = aux_weight
-        idle = []
-        if aux is not None and aux_weight is None:
-            idle.append("aux_classifier (aux_weight=None)")
-        if self.family == "smp" and getattr(model, "classification_head", None) is not None:
-            idle.append("classification_head (smp aux_params)")
+        idle = adapter.idle_parts(model, aux_weight)
         if idle:
             warnings.warn(f"dropclass: {', '.join(idle)} of {type(model).__name__} is not trained by the DropClass "
                           "loss (it gets no gradient); under DistributedDataParallel remove it, train it "
                           "(aux_weight=...) or pass find_unused_parameters=True", stacklevel=3)
-        self._tap_mode = None  # generic family: None (the plain model), "predict" or "capture"
-        if self.family == "generic":
-            convs[0].register_forward_hook(self._generic_tap)
+        self._checked = False  # adapter.check runs at the first eager call
+        self._warned_no_target = False
+        adapter.attach(self)
 
     def extra_repr(self) -> str:
         return f"family={self.family!r}, classifier={'+'.join(self.classifier_paths)}, " + super().extra_repr()
 
     # ------------------------------------------------------------------ the model's classifier
+    def _conv(self, i: int) -> nn.Conv2d:
+        return self.model.get_submodule(self.classifier_paths[i])
+
     def _convs(self):
         return [self.model.get_submodule(p) for p in self.classifier_paths]
+
+    def _tap(self, module, inputs, output):
+        """The generic family's forward hook on the classifier (bound here so that copies stay bound)."""
+        return self.adapter.tap(self, inputs)
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         convs = self._convs()
@@ -281,77 +271,11 @@ class DropClassModel(DropClassBranches):
         return torch.cat([c.weight for c in convs], dim=1)
 
     # ------------------------------------------------------------------ the model up to the classifier
-    def features(self, images: torch.Tensor, *, with_aux: bool = False):
+    def features(self, images: torch.Tensor):
         """(feats, extra): the classifier's input feature map (B, C, h, w), and what the
         model's remaining output needs (torchvision: the backbone's dict; smp: the encoder
         features). Never upsamples past the classifier's resolution."""
-        m = self.model
-        if self.family == "torchvision":
-            features = m.backbone(images)
-            x = features["out"]
-            head = list(m.classifier)
-            for layer in head[:-1]:
-                x = layer(x)
-            return x, features
-        if self.family == "lraspp":
-            features = m.backbone(images)
-            low, high = features["low"], features["high"]
-            h = m.classifier
-            x = h.cbr(high) * h.scale(high)
-            x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
-            return torch.cat([low, x], dim=1), features
-        if self.family == "smp":
-            if not torch.compiler.is_compiling() and not torch.jit.is_scripting():
-                m.check_input_shape(images)
-            features = m.encoder(images)
-            return m.decoder(features), features
-        # generic: run the model until the tap stops it
-        self._tap_mode = "capture"
-        try:
-            m(images)
-        except _Stop as stop:
-            return stop.args[0], None
-        finally:
-            self._tap_mode = None
-        raise RuntimeError(f"dropclass: the classifier {self.classifier_paths[0]} did not run in "
-                           f"{type(m).__name__}.forward")
-
-    def _generic_tap(self, module, inputs, output):
-        if self._tap_mode == "capture":
-            raise _Stop(inputs[0])
-        if self._tap_mode == "predict":
-            self._tap_mode = None  # predict() calls the conv again: pass through then
-            try:
-                return self.predict(inputs[0])
-            finally:
-                self._tap_mode = "predict"
-        return None
-
-    def _infer(self, images: torch.Tensor):
-        m = self.model
-        if self.family == "generic":
-            self._tap_mode = "predict"
-            try:
-                return m(images)
-            finally:
-                self._tap_mode = None
-        feats, features = self.features(images)
-        logits = self.predict(feats)
-        if self.family in ("torchvision", "lraspp"):  # as _SimpleSegmentationModel.forward / LRASPP.forward
-            size = images.shape[-2:]
-            result = OrderedDict()
-            result["out"] = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-            if getattr(m, "aux_classifier", None) is not None:
-                aux = m.aux_classifier(features["aux"])
-                result["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
-            return result
-        # smp: SegmentationModel.forward
-        masks = logits
-        for layer in list(m.segmentation_head)[1:]:  # the model's upsampling and activation
-            masks = layer(masks)
-        if m.classification_head is not None:
-            return masks, m.classification_head(features[-1])
-        return masks
+        return self.adapter.features(self, images)
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor, target: Optional[torch.Tensor] = None, progress: Optional[float] = None,
@@ -359,12 +283,21 @@ class DropClassModel(DropClassBranches):
                 generator: Optional[torch.Generator] = None):
         """``wrapped(images)`` -> the model's output (inference path, every class kept);
         ``wrapped(images, target, t)`` -> :class:`DropClassOutput` (see the class)."""
+        if not self._checked and not torch.compiler.is_compiling():
+            self.adapter.check(self, images)
+            self._checked = True
         if target is None:
-            return self._infer(images)
-        feats, features = self.features(images)
+            if self.training and not self._warned_no_target and not torch.compiler.is_compiling():
+                self._warned_no_target = True
+                warnings.warn(f"dropclass: {type(self.model).__name__} wrapped for DropClass was called in training "
+                              "mode without a target: this returns the inference path and trains nothing of "
+                              "DropClass; train with wrapped(images, target, progress=t), or call .eval() to "
+                              "predict", stacklevel=2)
+            return self.adapter.infer(self, images)
+        feats, extra = self.adapter.features(self, images)
         out = super().forward(feats, target, progress, p=p, lam=lam, drop=drop, generator=generator)
         if self.aux_weight is not None:
-            aux = self.model.aux_classifier(features["aux"])
+            aux = self.adapter.aux_logits(self, extra)
             aux_ce = _api.dropclass_loss(aux, aux, target, None, lam=1.0, alpha=0.0, weight=self.ce_weight,
                                          ignore_index=self.ignore_index).loss
             out = out._replace(loss=out.loss + self.aux_weight * aux_ce)
@@ -374,19 +307,27 @@ class DropClassModel(DropClassBranches):
 def dropclass(model: nn.Module, classifier: Union[None, str, nn.Module] = None, *, importance: str = "weight",
               k: Optional[int] = None, alpha: float = 10.0, per_sample: bool = True,
               weight: Optional[torch.Tensor] = None, ignore_index: int = 255, aux_weight: Optional[float] = None,
-              norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d, weight_grad: bool = True) -> DropClassModel:
+              norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+              selector_bn_momentum: Optional[float] = SELECTOR_BN_MOMENTUM, weight_grad: bool = True,
+              options: Optional[DropClassOptions] = None) -> DropClassModel:
     """Wrap a segmentation model for DropClass training: returns a :class:`DropClassModel`.
 
     ``classifier``: None (find it, see the module docstring), a dotted path
     (``"decode_head.conv_seg"``) or the conv module itself. The other arguments
-    are :class:`~debias_ops.DropClassHead`'s (``importance``, ``k``, ``alpha``,
-    ``per_sample``, ``weight``, ``ignore_index``, ``norm_layer``, ``weight_grad``)
-    plus ``aux_weight`` (torchvision aux head: add ``aux_weight · CE(aux)``).
-    Raises TypeError when no classifier is found or it does not fit ``importance``.
+    are the fields of :class:`~debias_ops.DropClassOptions` (``importance``, ``k``,
+    ``alpha``, ``per_sample``, ``weight``, ``ignore_index``, ``aux_weight``
+    (torchvision aux head: add ``aux_weight · CE(aux)``), ``norm_layer``,
+    ``selector_bn_momentum`` (0.01, the official code's; it was PyTorch's 0.1
+    before this option existed), ``weight_grad``), or ``options=`` holding them.
+    Raises TypeError when no classifier is found or it does not fit ``importance``,
+    ValueError/TypeError naming the argument for a bad setting.
+
+    Eval predictions change right after wrapping (the selector is untrained; see
+    :class:`DropClassModel`); ``wrapped.model`` is the original model, untouched.
     """
     return DropClassModel(model, classifier, importance=importance, k=k, alpha=alpha, per_sample=per_sample,
                           weight=weight, ignore_index=ignore_index, aux_weight=aux_weight, norm_layer=norm_layer,
-                          weight_grad=weight_grad)
+                          selector_bn_momentum=selector_bn_momentum, weight_grad=weight_grad, options=options)
 
 
 def is_dropclass(model: nn.Module) -> bool:

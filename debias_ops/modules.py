@@ -7,7 +7,11 @@ official HRNet head:
 * ``selector``: the feature selector, 1×1 conv C → C (own weights, no bias)
   → ``norm_layer`` (BatchNorm2d by default; pass ``nn.SyncBatchNorm`` or
   convert with ``nn.SyncBatchNorm.convert_sync_batchnorm`` for DDP, the
-  user's choice) → ReLU.
+  user's choice; momentum 0.01 as in the official code, ``selector_bn_momentum``)
+  → ReLU.
+
+Settings: one :class:`~debias_ops.DropClassOptions` (``head.options``), built from
+the keywords or passed as ``options=``, validated once.
 
 **Eval** (``head(feats)``): every class kept,
 
@@ -52,6 +56,7 @@ Decisions (design §6 leaves them open):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -59,9 +64,10 @@ import torch.nn as nn
 
 from . import api as _api
 from . import validation as _v
+from .options import SELECTOR_BN_MOMENTUM, DropClassOptions
 from .sampling import drop_mask, sample_drop
 
-__all__ = ["DropClassBranches", "DropClassHead", "DropClassOutput", "progress"]
+__all__ = ["DropClassBranches", "DropClassHead", "DropClassOptions", "DropClassOutput", "progress"]
 
 
 class DropClassOutput(NamedTuple):
@@ -91,11 +97,10 @@ def progress(step, total, *, steps: Optional[int] = None) -> float:
     quantises t to multiples of 1/steps (fewer distinct values, e.g. to limit
     ``torch.compile`` recompilations). The head uses p = t, lam = 1 − t.
     """
-    if isinstance(total, bool) or not isinstance(total, (int, float)) or total <= 0:
-        raise ValueError(f"total must be a positive number, got {total!r}")
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
-        raise TypeError(f"step must be a number, got {type(step).__name__}")
-    t = min(max(float(step) / float(total), 0.0), 1.0)
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or not total > 0 or not math.isfinite(total):
+        raise ValueError(f"total must be a positive finite number, got {total!r}")
+    step = _v.check_float(step, "step")
+    t = min(max(step / float(total), 0.0), 1.0)
     if steps is not None:
         steps = _v.check_int(steps, "steps", 1)
         t = float(int(t * steps)) / steps
@@ -106,58 +111,39 @@ class DropClassBranches(nn.Module):
     """The DropClass logic around a classifier (design §6), shared by
     :class:`DropClassHead` and ``debias_ops.integrations.DropClassModel``.
 
-    Holds the configuration, the feature selector and both paths (eval:
-    :meth:`predict`; train: :meth:`forward` with a target). The classifier is
-    reached only through :meth:`classify` (x -> logits) and
-    :meth:`class_weight` (its (K, C[, 1, 1]) weight, for ``importance="weight"``):
-    :class:`DropClassHead` owns a new 1×1 conv, the integration points them at
-    a model's own classifier. Arguments as :class:`DropClassHead`; ``classifier``
-    (optional) is registered as the submodule ``classifier``.
+    Holds the settings (a :class:`~debias_ops.DropClassOptions`, ``.options``),
+    the feature selector and both paths (eval: :meth:`predict`; train:
+    :meth:`forward` with a target). The classifier is reached only through
+    :meth:`classify` (x -> logits) and :meth:`class_weight` (its (K, C[, 1, 1])
+    weight, for ``importance="weight"``): :class:`DropClassHead` owns a new 1×1
+    conv, the integration points them at a model's own classifier.
+    ``classifier`` (optional) is registered as the submodule ``classifier``.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        num_classes: int,
-        importance: str = "weight",
-        k: Optional[int] = None,
-        alpha: float = 10.0,
-        per_sample: bool = True,
-        *,
-        weight: Optional[torch.Tensor] = None,
-        ignore_index: int = 255,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-        weight_grad: bool = True,
-        classifier: Optional[nn.Module] = None,
-    ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, options: DropClassOptions, *,
+                 classifier: Optional[nn.Module] = None) -> None:
         super().__init__()
+        if not isinstance(options, DropClassOptions):
+            raise TypeError(f"options must be a DropClassOptions, got {type(options).__name__}")
         in_channels = _v.check_int(in_channels, "in_channels", 1)
         num_classes = _v.check_int(num_classes, "num_classes", 2)
-        if importance not in ("weight", "logits"):
-            raise ValueError(f"importance must be 'weight' or 'logits', got {importance!r}")
+        self.options = options
         self.in_channels = in_channels
         self.num_classes = num_classes
-        self.importance = importance
-        self.k = _v.check_k(k, in_channels)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
-        self.alpha = float(alpha)
-        self.per_sample = bool(per_sample)
-        self.ignore_index = _v.check_int(ignore_index, "ignore_index")
-        self.weight_grad = bool(weight_grad)
-        if weight is not None:
-            _v.check_tensor(weight, "weight", ndim=1)
-            if weight.shape[0] != num_classes:
-                raise ValueError(f"weight must have shape (K,) = ({num_classes},), got {tuple(weight.shape)}")
-            weight = weight.detach().float().clone()
-        self.register_buffer("ce_weight", weight)  # None unless given
+        # plain attributes (read on every call, also under torch.compile)
+        self.importance = options.importance
+        self.k = _v.check_k(options.k, in_channels)
+        self.alpha = options.alpha
+        self.per_sample = options.per_sample
+        self.ignore_index = options.ignore_index
+        self.weight_grad = options.weight_grad
+        weight = options.weight
+        if weight is not None and weight.shape[0] != num_classes:
+            raise ValueError(f"weight must have shape (K,) = ({num_classes},), got {tuple(weight.shape)}")
+        self.register_buffer("ce_weight", None if weight is None else weight.clone())  # None unless given
         if classifier is not None:
             self.classifier = classifier
-        self.selector = nn.Sequential(
-            nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=False),
-            norm_layer(in_channels),
-            nn.ReLU(inplace=False),
-        )
+        self.selector = options.make_selector(in_channels)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, num_classes={self.num_classes}, importance={self.importance!r}, "
@@ -251,15 +237,19 @@ class DropClassHead(DropClassBranches):
         importance: ``"weight"`` (the paper: max(0, classifier.weight)) or
             ``"logits"`` (head-agnostic probe fitted on the batch, design §2).
         k: top-k channels per class (None: all).
-        alpha: weight of the suppression term.
+        alpha: weight of the suppression term (finite, ≥ 0).
         per_sample: each sample draws its own dropped class (True) or one class
             for the whole batch, the paper's scheme (False).
-        weight: optional (K,) class weights of the cross-entropy (stored as the
-            buffer ``ce_weight``).
+        weight: optional (K,) class weights of the cross-entropy (finite, ≥ 0;
+            stored as the buffer ``ce_weight``).
         ignore_index: label ignored by the loss (default 255).
         norm_layer: the selector's normalisation (default ``nn.BatchNorm2d``).
+        selector_bn_momentum: the selector norm's momentum, default 0.01 as in the
+            official code (it was PyTorch's 0.1 before this option existed).
         weight_grad: let the gradient of ``class_drop`` reach ``classifier.weight``
             (default True, design §3).
+        options: a :class:`~debias_ops.DropClassOptions` holding all of the above;
+            keywords that differ from their defaults are applied on top of it.
     """
 
     def __init__(
@@ -274,12 +264,18 @@ class DropClassHead(DropClassBranches):
         weight: Optional[torch.Tensor] = None,
         ignore_index: int = 255,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        selector_bn_momentum: Optional[float] = SELECTOR_BN_MOMENTUM,
         weight_grad: bool = True,
+        options: Optional[DropClassOptions] = None,
     ) -> None:
+        options = DropClassOptions.build(options, importance=importance, k=k, alpha=alpha, per_sample=per_sample,
+                                         weight=weight, ignore_index=ignore_index, norm_layer=norm_layer,
+                                         selector_bn_momentum=selector_bn_momentum, weight_grad=weight_grad)
+        if options.aux_weight is not None:
+            raise ValueError("aux_weight is for dropclass(model) (a torchvision aux head); DropClassHead has none")
         in_channels = _v.check_int(in_channels, "in_channels", 1)
         num_classes = _v.check_int(num_classes, "num_classes", 2)
-        super().__init__(in_channels, num_classes, importance, k, alpha, per_sample, weight=weight,
-                         ignore_index=ignore_index, norm_layer=norm_layer, weight_grad=weight_grad,
+        super().__init__(in_channels, num_classes, options,
                          classifier=nn.Conv2d(in_channels, num_classes, kernel_size=1, bias=True))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:

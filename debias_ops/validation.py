@@ -17,6 +17,7 @@ Every error names the offending argument as spelled in design §5.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Iterator, Optional
 
@@ -95,9 +96,52 @@ def check_unit_float(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__}")
     value = float(value)
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
         raise ValueError(f"{name}={value} is outside [0, 1]")
     return value
+
+
+def check_float(value, name: str, low=None, high=None, *, low_open: bool = False) -> float:
+    """A finite real number (not bool) in [low, high] (``low_open``: (low, high])."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import numpy as np  # numpy scalars are fine
+            if not isinstance(value, (np.integer, np.floating)) or isinstance(value, np.bool_):
+                raise TypeError
+        except (ImportError, TypeError):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name}={value} must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}={value} must be <= {high}")
+    return value
+
+
+def check_bool(value, name: str) -> bool:
+    """A real bool (numpy's included): ``per_sample="no"`` is an error, not True."""
+    if isinstance(value, bool):
+        return value
+    try:
+        import numpy as np
+        if isinstance(value, np.bool_):
+            return bool(value)
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_class_weight_values(weight: torch.Tensor, name: str = "weight") -> None:
+    """Cross-entropy class weights: finite, >= 0, not all zero (reads the values: a host sync)."""
+    w = weight.detach()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} must hold finite class weights, got {w.tolist()[:10]}")
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} must hold non-negative class weights, got {w.tolist()[:10]}")
+    if w.numel() and not bool((w > 0).any()):
+        raise ValueError(f"{name} must hold a positive class weight (all are 0: the loss would be 0/0)")
 
 
 def check_k(k, C: int) -> Optional[int]:
@@ -193,14 +237,15 @@ def check_loss_inputs(logits, logits_drop, target, drop, lam, alpha, weight, ign
     if target.shape[0] != B:
         raise ValueError(f"target must have batch size {B} to match logits, got shape {tuple(target.shape)}")
     check_unit_float(lam, "lam")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, got {type(alpha).__name__}")
+    check_float(alpha, "alpha", 0.0)
     check_int(ignore_index, "ignore_index")
     if weight is not None:
         check_tensor(weight, "weight", ndim=1)
         check_same_device(logits, "logits", weight, "weight")
         if weight.shape[0] != K:
             raise ValueError(f"weight must have shape (K,) = ({K},), got {tuple(weight.shape)}")
+        if value_checks_enabled(weight):
+            check_class_weight_values(weight)
     check_drop(drop, B, K, logits.device)
     if target.numel() and value_checks_enabled(target):
         t = target.long() if target.dtype != torch.uint8 else target.to(torch.int16)

@@ -1,8 +1,10 @@
 """Shared test helpers: a comparison that says where tensors differ, per-dtype
-tolerances, input factories for odd shapes and memory layouts, and the device
-on which the Triton kernels can be tested."""
+tolerances, input factories for odd shapes and memory layouts, the device
+on which the Triton kernels can be tested, and the two-rank gloo runner of the
+DDP tests."""
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -93,3 +95,41 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
         assert not view.is_contiguous() or x.shape[-1] <= 1
         return view
     raise ValueError(layout)
+
+
+# ----------------------------------------------------------------------------- two gloo ranks (DDP tests)
+WORLD = 2
+
+
+def run_gloo(fn, out_dir) -> None:
+    """Run ``fn(rank, out_dir)`` in WORLD spawned processes joined in a gloo process group
+    (``fn`` must be a module-level function, for pickling)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_worker, args=(fn, str(out_dir)), nprocs=WORLD, join=True)
+
+
+def _gloo_worker(rank: int, fn, out_dir: str) -> None:
+    import torch.distributed as dist
+    # Rendezvous through a file in the test's tmp dir (no port to pick and race for);
+    # gloo itself connects the ranks over loopback.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
+    try:
+        fn(rank, out_dir)
+        # Every rank finishes its collectives (and frees its DDP reducer) before teardown.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def check_ranks_agree(r0, r1, what):
+    """Both ranks dropped (different classes) and ended with bit-identical, moved parameters."""
+    assert not torch.equal(r0["drops"], r1["drops"]), "ranks were meant to drop different classes"
+    assert r0["drops"].any()
+    moved = False
+    for i, (a, b, a0) in enumerate(zip(r0["params"], r1["params"], r0["init"])):
+        assert torch.equal(a, b), f"{what}: parameter {i} differs between ranks: max diff {(a - b).abs().max():.3g}"
+        moved |= not torch.equal(a, a0)
+    assert moved, "training did not change the parameters"

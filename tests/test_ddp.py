@@ -8,39 +8,16 @@ process compares.
 """
 from __future__ import annotations
 
-import gc
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-WORLD = 2
+from tests.helpers import check_ranks_agree, run_gloo
+
 STEPS = 4
 IMPORTANCES = ("weight", "logits")
-
-
-def run_gloo(fn, out_dir) -> None:
-    """Run ``fn(rank, out_dir)`` in WORLD spawned processes joined in a gloo process group
-    (``fn`` must be a module-level function, for pickling). Also used by tests/test_integrations.py."""
-    mp.spawn(_gloo_worker, args=(fn, str(out_dir)), nprocs=WORLD, join=True)
-
-
-def _gloo_worker(rank: int, fn, out_dir: str) -> None:
-    # Rendezvous through a file in the test's tmp dir (no port to pick and race for);
-    # gloo itself connects the ranks over loopback.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD)
-    try:
-        fn(rank, out_dir)
-        # Every rank finishes its collectives (and frees its DDP reducer) before teardown.
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _train_all(rank: int, out_dir: str) -> None:
@@ -96,14 +73,3 @@ def test_ddp_gloo_two_ranks_identical_parameters(tmp_path):
     for importance in IMPORTANCES:
         check_ranks_agree(torch.load(tmp_path / f"{importance}_rank0.pt"),
                           torch.load(tmp_path / f"{importance}_rank1.pt"), importance)
-
-
-def check_ranks_agree(r0, r1, importance):
-    """Both ranks dropped (different classes) and ended with bit-identical, moved parameters."""
-    assert not torch.equal(r0["drops"], r1["drops"]), "ranks were meant to drop different classes"
-    assert r0["drops"].any()
-    moved = False
-    for i, (a, b, a0) in enumerate(zip(r0["params"], r1["params"], r0["init"])):
-        assert torch.equal(a, b), f"{importance}: parameter {i} differs between ranks: max diff {(a - b).abs().max():.3g}"
-        moved |= not torch.equal(a, a0)
-    assert moved, "training did not change the parameters"
