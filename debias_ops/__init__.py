@@ -24,6 +24,7 @@ from .api import class_drop, class_importance, dropclass_loss, suppress
 from .context import ConflictResult, ContextConflictEval, ContextResult, ContextStatistics
 from .integrations import DropClassModel, dropclass, is_dropclass, segmentation_logits
 from .modules import DropClassHead, DropClassOutput, progress
+from .options import DropClassOptions
 from .reference import DropClassLoss
 from .sampling import drop_mask, sample_drop
 from .validation import set_value_checks, value_checks, value_checks_enabled
@@ -40,6 +41,7 @@ __all__ = [
     "DropClassLoss",
     "DropClassHead",
     "DropClassOutput",
+    "DropClassOptions",
     "progress",
     "dropclass",
     "DropClassModel",
