@@ -1,0 +1,320 @@
+"""Co-occurrence bias in the recipe: context statistics of the training labels, conflict views in evaluation.
+
+With ``--context-stats`` a run
+
+1. counts, once, co-occurrence and 4-neighbour adjacency of the classes over the training label
+   maps (:class:`debias_ops.ContextStatistics`; the label files are read as stored, without
+   augmentation; under torchrun each rank reads a shard and the counts are summed), and caches
+   the counts in ``<out>/context_stats.pt``, keyed by the data set (root, split, a hash of the
+   label files' names and sizes, or of the labels themselves for in-memory data, number of
+   classes, ignore index). A later run or a resume with the same key reads the cache instead;
+   the context rule (its thresholds, ``RULE``) is applied to the cached counts every time;
+2. derives each class's context classes with the rule of :mod:`debias_ops.context` and adds,
+   to every evaluation, the per-class IoU on the images and on the pixels where a class appears
+   without its context (:class:`debias_ops.ContextConflictEval`): ``eval.csv`` gains the columns
+   ``<class>/conflict_images`` and ``<class>/conflict_pixels``, ``log.json`` the rows of
+   ``ConflictResult.as_rows`` (IoU, gap, images and pixels of each view) under ``"conflict"``
+   and the statistics' summary under ``"context"``.
+
+``debias-ops-train plot --runs BASE DC`` then draws, when the runs have them, the ordinary and
+conflicting IoU of each class with a context for every run side by side (``context_iou.png``)
+and the adjacency matrix of the cached statistics (``context_adjacency.png``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from debias_ops.context import VIEWS, ContextConflictEval, ContextResult, ContextStatistics
+
+from . import data as D
+
+STATS_FILE = "context_stats.pt"
+# The context rule's thresholds (debias_ops.context; ContextStatistics.compute's defaults).
+RULE = dict(min_images=5, min_cooccurrence=0.5, min_lift=1.25, min_touch=0.1, min_touch_lift=1.25)
+CONFLICT_VIEWS = VIEWS[1:]
+
+
+# ----------------------------------------------------------------------------- the training labels
+
+
+class _CityscapesLabels(Dataset):
+    """The train-ID masks of a :class:`~debias_ops.recipe.data.CityscapesSegmentation`, read as stored."""
+
+    def __init__(self, dataset: D.CityscapesSegmentation):
+        self.files = [t[0] for t in dataset.base.targets]
+        self.lut, self.num_ids = dataset.lut, dataset.num_ids
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+        ids = np.asarray(Image.open(self.files[index]))
+        if ids.ndim != 2:
+            raise ValueError(f"{self.files[index]}: expected a single-channel label-ID image, got shape {ids.shape}")
+        bad = np.unique(ids[ids >= self.num_ids])
+        if bad.size:
+            raise ValueError(f"{self.files[index]}: label IDs {bad.tolist()[:10]} are outside the Cityscapes "
+                             f"label table (0..{self.num_ids - 1}); expected *_gtFine_labelIds.png")
+        return torch.from_numpy(self.lut[ids].astype(np.int64))
+
+
+def dataset_key(dataset, num_classes: int, ignore_index: int = D.IGNORE) -> Dict[str, object]:
+    """What the cached counts depend on: the data set's identity, its number of classes and ignore index."""
+    h = hashlib.sha256()
+    if isinstance(dataset, D.CityscapesSegmentation):
+        root = Path(dataset.base.root).resolve()
+        files = _CityscapesLabels(dataset).files
+        for f in files:
+            h.update(f"{os.path.relpath(f, root)}:{os.path.getsize(f)}\n".encode())
+        key = {"root": str(root), "split": dataset.base.split, "files": len(files)}
+    elif isinstance(dataset, D.TensorSegmentation):
+        labels = dataset.labels.detach().cpu().contiguous()
+        h.update(str((tuple(labels.shape), str(labels.dtype))).encode())
+        h.update(labels.numpy().tobytes())
+        key = {"root": None, "split": "in-memory", "files": len(labels)}
+    else:
+        raise TypeError(f"dataset must be a CityscapesSegmentation or a TensorSegmentation, got {type(dataset).__name__}")
+    return {**key, "sha256": h.hexdigest(), "num_classes": int(num_classes), "ignore_index": int(ignore_index)}
+
+
+def label_maps(dataset, *, rank: int = 0, world: int = 1, workers: int = 0) -> Iterator[torch.Tensor]:
+    """The data set's label maps (H, W) int64, without augmentation; rank r yields maps r, r + world, ..."""
+    if isinstance(dataset, D.TensorSegmentation):
+        yield from dataset.labels[rank::world]
+        return
+    if not isinstance(dataset, D.CityscapesSegmentation):
+        raise TypeError(f"dataset must be a CityscapesSegmentation or a TensorSegmentation, got {type(dataset).__name__}")
+    from torch.utils.data import Subset
+    files = _CityscapesLabels(dataset)
+    yield from DataLoader(Subset(files, range(rank, len(files), world)), batch_size=None, num_workers=workers)
+
+
+def context_statistics(dataset, num_classes: int, *, ignore_index: int = D.IGNORE, device="cpu", rank: int = 0,
+                       world: int = 1, workers: int = 0) -> ContextStatistics:
+    """One pass over the training labels; with ``world > 1`` every rank passes over its shard and the
+    counts are summed over ranks (each rank must call this)."""
+    stats = ContextStatistics(num_classes, ignore_index, device=torch.device(device))
+    for target in label_maps(dataset, rank=rank, world=world, workers=workers):
+        stats.update(target.to(device))
+    return stats.sync() if world > 1 else stats
+
+
+# ----------------------------------------------------------------------------- the run's setup
+
+
+@dataclass
+class ContextSetup:
+    """The statistics of a run's training labels and the context sets the evaluation uses."""
+
+    result: ContextResult
+    classes: List[str]
+    min_pixels: int
+    path: Path
+    cached: bool
+
+    @property
+    def context(self):
+        return self.result.context
+
+    def summary(self) -> Dict[str, object]:
+        """For log.json: the rule, the statistics' file and each class's context (names)."""
+        return {"file": str(self.path), "rule": dict(RULE), "min_pixels": self.min_pixels,
+                "num_images": self.result.num_images,
+                "context": {self.classes[a]: [self.classes[b] for b in ctx] for a, ctx in enumerate(self.context) if ctx}}
+
+    def describe(self) -> str:
+        pairs = [f"{self.classes[a]} <- {', '.join(self.classes[b] for b in ctx)}"
+                 for a, ctx in enumerate(self.context) if ctx]
+        how = "read from" if self.cached else "written to"
+        return (f"context statistics of {self.result.num_images} training label maps ({how} {self.path}): "
+                + ("; ".join(pairs) if pairs else "no class has a context"))
+
+
+def _agree(flag: bool, world: int) -> bool:
+    """True on every rank iff true on every rank (every rank decides alike, even without a shared --out)."""
+    if world <= 1:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def load_stats(path: Path) -> Optional[Dict]:
+    """The cache file's content, or None if there is none."""
+    path = Path(path)
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def prepare(args, train_ds, classes: Sequence[str], info, ignore_index: int = D.IGNORE) -> Optional[ContextSetup]:
+    """The statistics of ``--context-stats`` (None without the flag): the cache if its key matches,
+    else one pass over the training labels (sharded over ranks), written by rank 0."""
+    if not getattr(args, "context_stats", False):
+        return None
+    path = Path(args.out) / STATS_FILE
+    key = dataset_key(train_ds, len(classes), ignore_index)
+    cached = load_stats(path)
+    hit = _agree(cached is not None and cached.get("dataset") == key, info.world)
+    stats = ContextStatistics(len(classes), ignore_index)
+    if hit:
+        stats.load_state_dict(cached["counts"])
+    else:
+        stats = context_statistics(train_ds, len(classes), ignore_index=ignore_index, device=info.device,
+                                   rank=info.rank, world=info.world, workers=args.workers)
+    result = stats.compute(**RULE)
+    if info.main and not (hit and cached.get("rule") == RULE):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"dataset": key, "rule": dict(RULE), "classes": list(classes), "counts": stats.state_dict(),
+                    "context": [list(c) for c in result.context]}, tmp)
+        os.replace(tmp, path)
+    if info.world > 1:
+        dist.barrier()
+    setup = ContextSetup(result, list(classes), int(args.context_min_pixels), path, hit)
+    if info.main:
+        print(setup.describe(), flush=True)
+    return setup
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def eval_columns(setup: Optional[ContextSetup], classes: Sequence[str]) -> List[str]:
+    """The eval.csv columns the conflict views add (none without a setup)."""
+    if setup is None:
+        return []
+    return [f"{name}/{view}" for view in CONFLICT_VIEWS for name in classes]
+
+
+def conflict_eval(setup: Optional[ContextSetup], num_classes: int, device) -> Optional[ContextConflictEval]:
+    """A fresh evaluator for one evaluation (None without a setup); feed it ``update(pred, target)``."""
+    if setup is None:
+        return None
+    return ContextConflictEval(num_classes, setup.context, min_pixels=setup.min_pixels, device=torch.device(device))
+
+
+def _nan_to_none(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def eval_entry(ev: Optional[ContextConflictEval], classes: Sequence[str], distributed: bool = False) -> Dict:
+    """What an evaluation adds to its log entry: ``conflict`` (one row per class, NaN as None) and
+    ``columns`` (the eval.csv cells). With ``distributed`` the counts are summed over ranks first
+    (each rank must call this)."""
+    if ev is None:
+        return {}
+    if distributed:
+        ev.sync()
+    rows = [{k: _nan_to_none(v) for k, v in row.items()} for row in ev.compute().as_rows(list(classes))]
+    columns = {f"{r['name']}/{view}": r[f"iou_{view}"] for view in CONFLICT_VIEWS for r in rows}
+    return {"conflict": rows, "columns": columns}
+
+
+def describe_entry(entry: Dict) -> str:
+    """One line: IoU (%) all / conflict images / conflict pixels of each class with a conflict view."""
+    def pct(v):
+        return "nan" if v is None else f"{100 * v:.1f}"
+    parts = [f"{r['name']} {pct(r['iou_all'])}/{pct(r['iou_conflict_images'])}/{pct(r['iou_conflict_pixels'])}"
+             for r in entry.get("conflict", []) if r["images_conflict_pixels"]]
+    return "IoU (%) all/conflict images/conflict pixels: " + (", ".join(parts) if parts else "no class has a context")
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _values(rows: List[Dict], key: str) -> np.ndarray:
+    return np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=float)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.mean(x[np.isfinite(x)])) if np.isfinite(x).any() else float("nan")
+
+
+def plot_context(logs: Sequence[Dict], labels: Sequence[str], run_dirs: Sequence, out) -> List[Path]:
+    """context_iou.png (runs with conflict views: each class's IoU on all, conflicting images and
+    conflicting pixels, one panel per run, side by side) and context_adjacency.png (the first run
+    with a context_stats.pt); nothing when no run has them."""
+    from debias_ops.recipe.plots import pyplot
+    out, paths = Path(out), []
+    runs = [(label, log["eval"][-1]["conflict"]) for log, label in zip(logs, labels)
+            if log.get("eval") and log["eval"][-1].get("conflict")]
+    if runs:
+        keep = sorted({r["class"] for _, rows in runs for r in rows if r["images_conflict_pixels"]})
+        plt = pyplot()
+        n = max(1, len(keep))
+        fig, axes = plt.subplots(1, len(runs), figsize=(max(4.0, 1.1 * n + 1.5) * len(runs), 3.8), squeeze=False,
+                                 sharey=True)
+        for ax, (label, rows) in zip(axes[0], runs):
+            rows = [rows[c] for c in keep]
+            x = np.arange(len(rows))
+            for i, (view, name) in enumerate(zip(VIEWS, ("all images", "conflicting images", "conflicting pixels"))):
+                ax.bar(x - 0.4 + 0.8 / 3 * (i + 0.5), 100 * np.nan_to_num(_values(rows, f"iou_{view}")), 0.8 / 3,
+                       label=name, color=("#4c72b0", "#dd8452", "#c44e52")[i])
+            gaps = [_nanmean(_values(rows, f"gap_{v}")) for v in ("images", "pixels")]
+            ax.set_title(f"{label}\nmean gap: images {100 * gaps[0]:.1f}, pixels {100 * gaps[1]:.1f} points",
+                         fontsize=9)
+            ax.set_xticks(x)
+            ax.set_xticklabels([r["name"] for r in rows], rotation=45, ha="right", fontsize=8)
+            ax.set_ylim(0, 100)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].set_ylabel("IoU (%)")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "context_iou.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    for d in run_dirs:
+        cached = load_stats(Path(d) / STATS_FILE)
+        if cached is not None:
+            paths.append(plot_adjacency(cached, out / "context_adjacency.png"))
+            break
+    return paths
+
+
+def plot_adjacency(cached: Dict, path: Path) -> Path:
+    """Heatmap of boundary_share[a, b] (the fraction of a's boundary pixels that touch b), the
+    context pairs of the cached rule boxed."""
+    from matplotlib.patches import Rectangle
+
+    from debias_ops.recipe.plots import pyplot
+    counts, classes = cached["counts"], cached["classes"]
+    stats = ContextStatistics(int(counts["num_classes"]), int(counts["ignore_index"]))
+    stats.load_state_dict(counts)
+    res = stats.compute(**cached.get("rule", RULE))
+    share = res.boundary_share.numpy()
+    K = len(classes)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.42 * K + 2.5), max(4.2, 0.42 * K + 1.5)))
+    im = ax.imshow(np.nan_to_num(share), cmap="viridis", vmin=0, vmax=1)
+    for a, ctx in enumerate(res.context):
+        for b in ctx:
+            ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    if K <= 25:
+        for a in range(K):
+            for b in range(K):
+                if a != b and np.isfinite(share[a, b]) and share[a, b] >= 0.05:
+                    ax.text(b, a, f"{share[a, b]:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if share[a, b] > 0.6 else "white")
+    ax.set_xticks(range(K))
+    ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(K))
+    ax.set_yticklabels(classes, fontsize=7)
+    ax.set_xlabel("b (neighbour)")
+    ax.set_ylabel("a")
+    ax.set_title(f"share of a's boundary touching b ({res.num_images} training label maps);\n"
+                 "red: b is a context of a", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
