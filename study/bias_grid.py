@@ -80,11 +80,12 @@ def run_jobs(jobs: Sequence[Job], out: Path, *, n_jobs: int = 1, device: str = "
 
 
 def grid_jobs(data: str, cells: Sequence[str], seeds: Sequence[int], steps: int) -> List[Job]:
-    """The DropClass runs of `cells` and the baseline they compare with, deduplicated (cells may share runs)."""
-    jobs = [Job(data, "baseline", steps, s) for s in seeds]
-    for cell in cells:
-        jobs += [Job(data, rg.CELLS[cell][0], steps, s) for s in seeds]
-    return list(dict.fromkeys(jobs))
+    """The DropClass runs of `cells` and the baseline they compare with, deduplicated (cells may share runs).
+
+    Seed by seed (every method of seed 0, then of seed 1, ...): a grid stopped part-way holds complete pairs.
+    """
+    methods = ["baseline"] + [rg.CELLS[c][0] for c in cells]
+    return list(dict.fromkeys(Job(data, m, steps, s) for s in seeds for m in methods))
 
 
 def calibrate(out: Path, seeds: Sequence[int], candidates: Sequence[tuple], run: Dict) -> Optional[tuple]:

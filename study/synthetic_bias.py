@@ -186,14 +186,14 @@ def train_run(cfg: Config, method: Method, seed: int, steps: int, *, device="cpu
     the plain path classifier(feats) without the selector (``iou_plain``, a diagnostic) and through the
     inference path after :func:`recalibrate_selector_bn` on the training images (``iou_recal``); the class
     overlap of the classifier's weight (``overlap``: matrix and mean, k = C // 4); coarse training
-    curves of the loss terms (``curves``); training time ``train_s`` and the whole run's time
-    ``total_s`` (data, training, evaluation); versions. A class absent from both the labels and the
+    curves of the loss terms (``curves``); training time ``train_s``, the whole run's time
+    ``total_s`` (data, training, evaluation) and its CPU time ``cpu_s``; versions. A class absent from both the labels and the
     predictions of a split (NaN in torchmetrics) is stored as IoU 0; at the study's test size (400
     images per split) every class occurs in every test split, so this touches only tiny smoke runs.
     """
     from debias_ops.recipe.loop import constant_schedule, evaluate, paper_schedule, train_steps
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     device = torch.device(device)
     data = data or splits(cfg, seed)
     torch.manual_seed(seed)  # the same initial weights for every method of a seed
@@ -228,4 +228,5 @@ def train_run(cfg: Config, method: Method, seed: int, steps: int, *, device="cpu
         recalibrate_selector_bn(model, data["train"][0], device)
         res["iou_recal"] = iou_on(model)
     res["total_s"] = time.perf_counter() - t_start
+    res["cpu_s"] = time.process_time() - cpu_start  # this process's CPU time (all its threads)
     return res
