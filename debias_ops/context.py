@@ -33,7 +33,9 @@ where both means run over the other classes c ∉ {a, b} with cooccurrence >= mi
 pair's column and row of the touch_rate table; an empty mean is NaN). The touch lift asks whether
 a touches b more often than the other classes touch b, *and* more often than a touches the other
 classes: a neighbour of everything (a background around every object) has touch lift ≈ 1 from
-either side, while a rider standing on a road present in 90% of images has one well above 1.
+either side, while a rider standing on a road present in 90% of images has one well above 1
+(1.35 to 1.56 in the recipe's generated scenes, 500 to 2000 training images, 8 draws each, where
+every other pair passing the other tests stays below 1.22).
 
 A ratio with a zero denominator is NaN (the touch lift is +inf when its baseline is 0). Context
 rule: b is a context class of a iff b ≠ a, b is not in ``exclude``, and
