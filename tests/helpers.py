@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,43 @@ def check_ranks_agree(r0, r1, what):
         assert torch.equal(a, b), f"{what}: parameter {i} differs between ranks: max diff {(a - b).abs().max():.3g}"
         moved |= not torch.equal(a, a0)
     assert moved, "training did not change the parameters"
+
+
+# ----------------------------------------------------------------------------- a miniature Cityscapes (recipe tests)
+CITYSCAPES_HW = (64, 128)
+# Real label IDs: road, sidewalk, building, sky, person, car, and ignored ones (unlabeled, ego vehicle, static)
+REGIONS = (7, 8, 11, 23, 24, 26, 0, 1, 4)
+
+
+def make_cityscapes(root: Path, counts=(("train", 4), ("val", 2)), bad_id=None) -> Path:
+    """A miniature dataset in the exact Cityscapes layout (64x128 PNGs, *_gtFine_labelIds.png masks)."""
+    import numpy as np
+    from cityscapesscripts.helpers.labels import id2label
+    from PIL import Image
+    H, W = CITYSCAPES_HW
+    rng = np.random.default_rng(0)
+    for split, n in counts:
+        for i in range(n):
+            city = ("aachen", "bochum")[i % 2]
+            stem = f"{city}_{i:06d}_000019"
+            ids = np.zeros((H, W), np.uint8)
+            cuts = np.sort(rng.choice(np.arange(8, W - 8), size=len(REGIONS) - 1, replace=False))
+            for lab, (a, b) in zip(rng.permutation(REGIONS), zip(np.r_[0, cuts], np.r_[cuts, W])):
+                ids[:, a:b] = lab
+            ids[H // 2:, : W // 4] = 7  # some road in every image
+            if bad_id is not None and split == "train":
+                ids[0, 0] = bad_id
+            colour = np.array([id2label[int(v)].color for v in range(34)], np.float32)[np.minimum(ids, 33)]
+            img = np.clip(colour + rng.normal(0, 20, colour.shape), 0, 255).astype(np.uint8)
+            for sub, name, arr in (("leftImg8bit", f"{stem}_leftImg8bit.png", img),
+                                   ("gtFine", f"{stem}_gtFine_labelIds.png", ids)):
+                d = root / sub / split / city
+                d.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(d / name)
+    return root
+
+
+def cityscapes_args(root, out, *extra):
+    return ["--data", "cityscapes", "--root", str(root), "--model", "FPN", "--encoder", "resnet18",
+            "--batch", "2", "--crop", "32", "64", "--base-size", "64", "--scale", "0.75", "1.25",
+            "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out), *extra]

@@ -23,11 +23,10 @@ pytest.importorskip("cityscapesscripts")
 from debias_ops.recipe import cli  # noqa: E402
 from debias_ops.recipe import data as D  # noqa: E402
 from debias_ops.recipe import loop as T  # noqa: E402
+from tests.helpers import CITYSCAPES_HW, cityscapes_args, make_cityscapes  # noqa: E402,F401 (test_recipe_bias)
 
 ROOT = Path(__file__).resolve().parent.parent
-H, W = 64, 128
-# Real label IDs: road, sidewalk, building, sky, person, car, and ignored ones (unlabeled, ego vehicle, static)
-REGIONS = (7, 8, 11, 23, 24, 26, 0, 1, 4)
+H, W = CITYSCAPES_HW
 
 
 @pytest.fixture(autouse=True)
@@ -36,38 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)  # two cores shared by several jobs: more threads only spin
     yield
     torch.set_num_threads(n)
-
-
-def make_cityscapes(root: Path, counts=(("train", 4), ("val", 2)), bad_id=None) -> Path:
-    """A miniature dataset in the exact Cityscapes layout (64x128 PNGs, *_gtFine_labelIds.png masks)."""
-    from cityscapesscripts.helpers.labels import id2label
-    from PIL import Image
-    rng = np.random.default_rng(0)
-    for split, n in counts:
-        for i in range(n):
-            city = ("aachen", "bochum")[i % 2]
-            stem = f"{city}_{i:06d}_000019"
-            ids = np.zeros((H, W), np.uint8)
-            cuts = np.sort(rng.choice(np.arange(8, W - 8), size=len(REGIONS) - 1, replace=False))
-            for lab, (a, b) in zip(rng.permutation(REGIONS), zip(np.r_[0, cuts], np.r_[cuts, W])):
-                ids[:, a:b] = lab
-            ids[H // 2:, : W // 4] = 7  # some road in every image
-            if bad_id is not None and split == "train":
-                ids[0, 0] = bad_id
-            colour = np.array([id2label[int(v)].color for v in range(34)], np.float32)[np.minimum(ids, 33)]
-            img = np.clip(colour + rng.normal(0, 20, colour.shape), 0, 255).astype(np.uint8)
-            for sub, name, arr in (("leftImg8bit", f"{stem}_leftImg8bit.png", img),
-                                   ("gtFine", f"{stem}_gtFine_labelIds.png", ids)):
-                d = root / sub / split / city
-                d.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(d / name)
-    return root
-
-
-def cityscapes_args(root, out, *extra):
-    return ["--data", "cityscapes", "--root", str(root), "--model", "FPN", "--encoder", "resnet18",
-            "--batch", "2", "--crop", "32", "64", "--base-size", "64", "--scale", "0.75", "1.25",
-            "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
 
 
 def _log(out: Path) -> dict:

@@ -8,7 +8,10 @@
 
   Label IDs are mapped to the 19 train IDs with Cityscapes' own label table
   (``cityscapesscripts.helpers.labels``); every other ID becomes 255 (ignored).
-  A mask holding an ID outside the table raises a ValueError naming the file.
+  A mask holding an ID outside the table raises a ValueError naming the file;
+  so do an unreadable PNG and an image/label pair of different sizes (every
+  pair's size is read from the PNG headers when the dataset is built; a file
+  that fails to decode is named when it is loaded).
 * The generated scenes of :mod:`debias_ops.recipe.scenes` (a co-occurrence
   shortcut by construction; the debiasing study trains on them too).
 
@@ -60,8 +63,20 @@ def cityscapes_lut() -> Tuple[np.ndarray, int]:
     return lut, n
 
 
-def check_cityscapes_layout(root, split: str) -> None:
-    """Raise FileNotFoundError naming the missing folder/file and the expected layout."""
+def _png_size(path: Path) -> Tuple[int, int]:
+    """(width, height) from the PNG header, or a ValueError naming the file (nothing decoded)."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e})") from None
+
+
+def check_cityscapes_layout(root, split: str) -> List[Tuple[Path, Path, Tuple[int, int]]]:
+    """Raise FileNotFoundError naming the missing folder/file and the expected layout; ValueError naming
+    an unreadable PNG or an image/label pair of different sizes (from the PNG headers: every pair is
+    checked, nothing decoded). Returns the (image, label, (width, height)) pairs."""
     root = Path(root)
     layout = LAYOUT.format(split=split)
     if not root.is_dir():
@@ -74,15 +89,25 @@ def check_cityscapes_layout(root, split: str) -> None:
     if not images:
         raise FileNotFoundError(f"no *_leftImg8bit.png images in {str(root / 'leftImg8bit' / split)!r}/<city>/; "
                                 f"expected the Cityscapes layout {layout}")
-    missing = []
+    missing, pairs = [], []
     for img in images:
         stem = img.name[: -len("_leftImg8bit.png")]
         lab = root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelIds.png"
         if not lab.is_file():
             missing.append(str(lab))
+        else:
+            pairs.append((img, lab))
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(images)} label files missing, e.g. {missing[0]!r}; "
                                 f"expected the Cityscapes layout {layout}")
+    out = []
+    for img, lab in pairs:
+        size, lsize = _png_size(img), _png_size(lab)
+        if size != lsize:
+            raise ValueError(f"{lab}: the label is {lsize[0]}x{lsize[1]} but its image {img.name} is "
+                             f"{size[0]}x{size[1]} (width x height); labels must match their images pixel for pixel")
+        out.append((img, lab, size))
+    return out
 
 
 class CityscapesSegmentation(Dataset):
@@ -90,7 +115,7 @@ class CityscapesSegmentation(Dataset):
 
     def __init__(self, root, split: str, transforms=None):
         from torchvision.datasets import Cityscapes
-        check_cityscapes_layout(root, split)
+        self.pairs = check_cityscapes_layout(root, split)
         self.base = Cityscapes(str(root), split=split, mode="fine", target_type="semantic")
         self.lut, self.num_ids = cityscapes_lut()
         self.transforms = transforms
@@ -101,11 +126,18 @@ class CityscapesSegmentation(Dataset):
     def __getitem__(self, index: int):
         from torchvision import tv_tensors
         from torchvision.transforms.v2 import functional as TF
-        image, target = self.base[index]
-        ids = np.asarray(target)
+        try:
+            image, target = self.base[index]
+            ids = np.asarray(target)  # decodes the label (Image.open is lazy)
+        except (OSError, SyntaxError, ValueError) as e:  # e.g. "image file is truncated"
+            raise ValueError(f"{self.base.images[index]} / {self.base.targets[index][0]}: cannot decode "
+                             f"({e})") from None
         if ids.ndim != 2:
             raise ValueError(f"{self.base.targets[index][0]}: expected a single-channel label-ID image, "
                              f"got shape {ids.shape}")
+        if image.size != (ids.shape[1], ids.shape[0]):
+            raise ValueError(f"{self.base.targets[index][0]}: the label is {ids.shape[1]}x{ids.shape[0]} but its "
+                             f"image is {image.size[0]}x{image.size[1]} (width x height)")
         bad = np.unique(ids[ids >= self.num_ids])
         if bad.size:
             raise ValueError(f"{self.base.targets[index][0]}: label IDs {bad.tolist()[:10]} are outside the "

@@ -184,13 +184,15 @@ def train_steps(
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, device, ignore_index: int = IGNORE, *,
-             amp: bool = False, distributed: bool = False) -> np.ndarray:
+             amp: bool = False, distributed: bool = False,
+             on_batch: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> np.ndarray:
     """Per-class IoU (K,) in [0, 1] over ``batches``; NaN for a class absent from prediction and labels.
 
     The model runs in eval mode (its training mode is restored afterwards) through its own
     inference output (a DropClass model: every class kept); logits smaller than the labels are
-    upsampled bilinearly. ``distributed=True``: every rank evaluated its own shard; the counts are
-    summed over ranks (each rank must call this).
+    upsampled bilinearly; images and labels of different sizes are a ValueError. ``distributed=True``: every rank evaluated its own shard; the counts are
+    summed over ranks (each rank must call this). ``on_batch(pred, target)``: called with every batch's
+    predicted labels and target (e.g. ``ContextConflictEval.update``).
     """
     from torchmetrics.classification import MulticlassJaccardIndex
     device = torch.device(device)
@@ -202,12 +204,18 @@ def evaluate(model: torch.nn.Module, batches: Iterable, num_classes: int, device
     use_amp = bool(amp) and device.type == "cuda"
     try:
         for images, target in batches:
+            if images.shape[-2:] != target.shape[-2:]:
+                raise ValueError(f"evaluate: a batch's images are {tuple(images.shape[-2:])} (H, W) but its labels "
+                                 f"{tuple(target.shape[-2:])}: labels must match their images pixel for pixel")
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = dops.segmentation_logits(core(images))
             if logits.shape[-2:] != target.shape[-2:]:
                 logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-            metric.update(logits.argmax(1), target)
+            pred = logits.argmax(1)
+            metric.update(pred, target)
+            if on_batch is not None:
+                on_batch(pred, target)
         return metric.compute().double().cpu().numpy()
     finally:
         core.train(was_training)

@@ -7,7 +7,6 @@ Reads each run's log.json (written by the recipe); writes curves.png and iou.png
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -18,7 +17,8 @@ def load_run(run_dir) -> Dict:
     path = Path(run_dir) / "log.json"
     if not path.is_file():
         raise FileNotFoundError(f"no log.json in {str(run_dir)!r}: pass a folder written by python -m debias_ops.recipe")
-    return json.loads(path.read_text())
+    from .runtime import read_log
+    return read_log(path)
 
 
 def run_label(log: Dict, run_dir) -> str:
@@ -86,7 +86,10 @@ def plot_iou(logs: Sequence[Dict], labels: Sequence[str], path: Path) -> None:
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    if any(log["eval"] for log in logs):
+        ax.legend(fontsize=8)
+    else:
+        ax.set_title("no evaluation (--no-val)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -107,7 +110,8 @@ def plot_runs(run_dirs: Sequence, out, labels: Optional[List[str]] = None) -> Li
     paths = [out / "curves.png", out / "iou.png"]
     plot_curves(logs, labels, paths[0])
     plot_iou(logs, labels, paths[1])
-    return paths
+    from debias_ops.recipe.bias import plot_context  # context_iou.png, context_adjacency.png (--context-stats)
+    return paths + plot_context(logs, labels, run_dirs, out)
 
 
 def main(argv=None) -> List[Path]:

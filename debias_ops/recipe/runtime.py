@@ -162,33 +162,78 @@ def save_checkpoint(path: Path, info: DistInfo, *, model, optimizer, scheduler, 
     barrier(info)
 
 
+def read_checkpoint(path: Path) -> Dict:
+    """The recipe's checkpoint at ``path``, or a ValueError/FileNotFoundError naming the file in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {str(path)!r}")
+    try:
+        # Our own file, holding Python/NumPy RNG states besides tensors: not a weights-only pickle.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage, another pickle: all "cannot read"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first[:200]}); "
+                         "is the file complete?") from None
+    missing = [k for k in ("model", "optimizer", "step") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        what = "a bare state_dict" if isinstance(ckpt, dict) and ckpt and all(
+            isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"
+        raise ValueError(f"{path}: not a checkpoint written by the recipe (it is {what}, without "
+                         f"{', '.join(repr(k) for k in missing)}); --resume continues a run from its checkpoint.pt")
+    return ckpt
+
+
 def load_checkpoint(path: Path, info: DistInfo, *, model, optimizer, scheduler,
                     generator: Optional[torch.Generator] = None, same: Optional[Dict] = None) -> Dict:
     """Restore what save_checkpoint wrote; this rank's RNG state when the world size is unchanged.
 
     same: settings that must equal the checkpoint's ``config`` (else a ValueError naming them).
+    Any other problem with the file is a one-line ValueError naming it.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from at {str(path)!r}")
-    # Our own file, holding Python/NumPy RNG states besides tensors: not a weights-only pickle.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     old = ckpt.get("config", {})
     differ = {k: (old.get(k), v) for k, v in (same or {}).items() if k in old and old[k] != v}
     if differ:
         raise ValueError(f"cannot resume {str(path)!r}: it was trained with other settings (checkpoint, now): "
                          + ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differ.items()))
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: its weights do not fit this model/optimizer ({first[:300]})") from None
     if scheduler is not None and ckpt.get("scheduler") is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
         # The optimizer's stored lr is the old schedule's: recompute it (the run may have been extended).
         for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, getattr(scheduler, "lr_lambdas", ())):
             group["lr"] = base * fn(scheduler.last_epoch)
-    if ckpt.get("world") == info.world:
+    if ckpt.get("world") == info.world and "rng" in ckpt:
         set_rng_state(ckpt["rng"][info.rank], generator)
     elif info.main:
         print(f"resume: checkpoint written by {ckpt.get('world')} rank(s), now {info.world}: RNG states reseeded")
     return ckpt
+
+
+RUN_FILES = ("checkpoint.pt", "log.json", "train_log.csv", "eval.csv")
+
+
+def earlier_run(out: Path) -> List[str]:
+    """The files of an earlier run in ``out`` (empty when there is none)."""
+    out = Path(out)
+    return [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
+
+
+def read_log(path: Path) -> Dict:
+    """A run's log.json, or a ValueError naming the file in one line."""
+    path = Path(path)
+    try:
+        log = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a log.json written by the recipe ({type(e).__name__}: {e})") from None
+    if not isinstance(log, dict) or not all(isinstance(log.get(k), list) for k in ("classes", "train", "eval")):
+        raise ValueError(f"{path}: not a log.json written by the recipe (it needs 'classes', 'train' and 'eval' "
+                         "lists)")
+    return log
 
 
 # ----------------------------------------------------------------------------- logs
@@ -201,18 +246,21 @@ class RunLog:
     each checkpoint (and at the end), so on resume it matches the checkpoint's step.
     """
 
-    def __init__(self, out: Path, config: Dict, classes: List[str], enabled: bool = True):
+    def __init__(self, out: Path, config: Dict, classes: List[str], enabled: bool = True, eval_columns=()):
         self.out, self.enabled = Path(out), enabled
+        self.eval_columns = list(eval_columns)  # extra eval.csv columns, from an evaluation's "columns"
         self.data = {"config": config, "classes": list(classes), "train": [], "eval": []}
 
-    def resume(self, step: int) -> None:
-        """Keep the logged rows of steps <= step (from log.json) and rewrite the CSVs from them."""
-        path = self.out / "log.json"
+    def resume(self, step: int, source: Optional[Path] = None) -> None:
+        """Keep the logged rows of steps <= step (from ``source``/log.json, default the output folder's:
+        the folder of the checkpoint resumed from) and rewrite the CSVs from them."""
+        path = Path(source or self.out) / "log.json"
         if path.is_file():
-            old = json.loads(path.read_text())
-            self.data["train"] = [r for r in old.get("train", []) if r["step"] <= step]
-            self.data["eval"] = [r for r in old.get("eval", []) if r["step"] <= step]
+            old = read_log(path)
+            self.data["train"] = [r for r in old["train"] if r["step"] <= step]
+            self.data["eval"] = [r for r in old["eval"] if r["step"] <= step]
         if self.enabled:
+            self.out.mkdir(parents=True, exist_ok=True)
             self._write_csv("train_log.csv", TRAIN_KEYS, self.data["train"], "w")
             self._write_csv("eval.csv", self._eval_keys(), [self._eval_row(e) for e in self.data["eval"]], "w")
 
@@ -227,8 +275,8 @@ class RunLog:
         if self.enabled:
             self._write_csv("train_log.csv", TRAIN_KEYS, rows, "a")
 
-    def evaluation(self, step: int, iou: np.ndarray, miou: float) -> None:
-        entry = {"step": step, "miou": miou, "iou": [None if np.isnan(v) else float(v) for v in iou]}
+    def evaluation(self, step: int, iou: np.ndarray, miou: float, extra: Optional[Dict] = None) -> None:
+        entry = {"step": step, "miou": miou, "iou": [None if np.isnan(v) else float(v) for v in iou], **(extra or {})}
         self.data["eval"].append(entry)
         if self.enabled:
             self._write_csv("eval.csv", self._eval_keys(), [self._eval_row(entry)], "a")
@@ -240,10 +288,11 @@ class RunLog:
             os.replace(tmp, self.out / "log.json")
 
     def _eval_keys(self):
-        return ["step", "miou"] + self.data["classes"]
+        return ["step", "miou"] + self.data["classes"] + self.eval_columns
 
     def _eval_row(self, entry: Dict) -> Dict:
-        return {"step": entry["step"], "miou": entry["miou"], **dict(zip(self.data["classes"], entry["iou"]))}
+        cols = {k: v for k, v in entry.get("columns", {}).items() if k in self.eval_columns}
+        return {"step": entry["step"], "miou": entry["miou"], **dict(zip(self.data["classes"], entry["iou"])), **cols}
 
     def _write_csv(self, name: str, keys, rows, mode: str) -> None:
         path = self.out / name
