@@ -233,21 +233,26 @@ def test_scenes_rider_context_recovered_from_the_labels(context, expected):
 
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
+from debias_ops.context import ContextConflictEval
 from debias_ops.recipe import bias, data
 rank, world, init, labels, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + init, rank=rank, world_size=world)
 y = torch.load(labels)
 stats = bias.context_statistics(data.TensorSegmentation(y, y), 6, rank=rank, world=world)
+ev = ContextConflictEval(6, stats.compute().context, min_pixels=1)
+ev.update(y[rank::world], y[rank::world])
+entry = bias.eval_entry(ev, [str(c) for c in range(6)], distributed=True)
 if rank == 0:
-    torch.save(stats.state_dict(), out)
+    torch.save({"stats": stats.state_dict(), "entry": entry}, out)
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.timeout(120)
 def test_statistics_sharded_over_two_ranks_sum_to_one_pass(tmp_path):
-    """Two gloo ranks, each over its shard of the label maps; the summed counts are one pass's."""
+    """Two gloo ranks, each over its shard of the label maps (statistics, then an evaluation):
+    the summed counts are one pass's."""
     _, y = scenes.make_split(30, 2, scenes.Config(), "train")
     torch.save(y, tmp_path / "labels.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
@@ -257,7 +262,13 @@ def test_statistics_sharded_over_two_ranks_sum_to_one_pass(tmp_path):
     outs = [p.communicate(timeout=110)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     got = torch.load(tmp_path / "stats.pt")
-    whole = B.context_statistics(D.TensorSegmentation(y, y), scenes.K).state_dict()
+    stats = B.context_statistics(D.TensorSegmentation(y, y), scenes.K)
+    whole = stats.state_dict()
+    ev = ContextConflictEval(6, stats.compute().context, min_pixels=1)
+    ev.update(y, y)
+    assert got["entry"] == B.eval_entry(ev, [str(c) for c in range(6)])
+    assert any(r["images_conflict_pixels"] for r in got["entry"]["conflict"])  # some class has a context
+    got = got["stats"]
     half = B.context_statistics(D.TensorSegmentation(y, y), scenes.K, rank=1, world=2)  # no process group: a shard
     assert half.num_images == 15
     for name, value in whole.items():
