@@ -47,8 +47,8 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("%(default)" in text or not action.option_strings or action.default in (None, False)
-                or action.default is argparse.SUPPRESS):
+        if ("%(default)" in text or not action.option_strings or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS):
             return text
         return text + " (default: %(default)s)"
 
