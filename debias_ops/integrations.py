@@ -77,8 +77,10 @@ not run in training: an ``aux_classifier`` with ``aux_weight=None``, an smp
 ``classification_head`` (``aux_params``), or anything after the classifier of
 a generic model. Either train them (``aux_weight``), remove them
 (``model.aux_classifier = None``), or pass ``find_unused_parameters=True``;
-:func:`dropclass` warns when it sees one. The selector's BatchNorm is a plain
-``BatchNorm2d`` (``norm_layer=nn.SyncBatchNorm`` or
+:func:`dropclass` warns when it sees an aux or classification head, and the
+first call of a generic model names the trainable modules that run after its
+classifier. The selector's BatchNorm is a plain ``BatchNorm2d`` with momentum
+0.01 (``selector_bn_momentum``; ``norm_layer=nn.SyncBatchNorm`` or
 ``nn.SyncBatchNorm.convert_sync_batchnorm`` for synchronised statistics).
 
 ``torch.compile`` traces the known families and the generic tap (the hook's

@@ -23,7 +23,7 @@ pytest.importorskip("cityscapesscripts")
 from debias_ops.recipe import cli  # noqa: E402
 from debias_ops.recipe import data as D  # noqa: E402
 from debias_ops.recipe import loop as T  # noqa: E402
-from tests.helpers import CITYSCAPES_HW, cityscapes_args, make_cityscapes  # noqa: E402,F401 (test_recipe_bias)
+from tests.helpers import CITYSCAPES_HW, cityscapes_args, make_cityscapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 H, W = CITYSCAPES_HW
