@@ -105,7 +105,9 @@ def dropclass_loss(
 
     ``loss = lam·CE(logits, y) + (1 − lam)·CE(logits_drop, y_drop) + alpha·sup``,
     logits bilinearly upsampled to the label size. The last three fields are
-    detached, for logging.
+    detached, for logging. ``alpha`` must be finite and ≥ 0, ``lam`` in [0, 1];
+    ``weight`` (K,) finite, ≥ 0 and not all 0 (its values are read with the value
+    checks, see :mod:`debias_ops.validation`).
     """
     K = _v.check_loss_inputs(logits, logits_drop, target, drop, lam, alpha, weight, ignore_index)
     dropped = drop_mask(drop, logits.shape[0], K, logits.device)

@@ -199,6 +199,14 @@ class DropClassModel(DropClassBranches):
     equality would not outlive the first steps while the selector would start
     away from the method's (random) initialisation. ``wrapped.model(images)`` is
     the original model's output at any time.
+
+    Fine-tuning a trained model: to start DropClass from the model's accuracy, fit
+    the selector alone on the eval path first -- ``wrapped.model.requires_grad_(False)``,
+    ``wrapped.model.eval()``, then steps of ``wrapped(images, target, p=0.0, lam=0.0)``
+    (nothing dropped: the loss is the cross-entropy of the eval path) with an optimiser
+    over ``wrapped.selector.parameters()`` -- then unfreeze and train with the schedule.
+    With the default BatchNorm momentum 0.01 the selector's running statistics need
+    a few hundred steps to settle (eval reads them).
     """
 
     def __init__(self, model: nn.Module, classifier: Union[None, str, nn.Module] = None, *,
