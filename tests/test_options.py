@@ -234,3 +234,45 @@ def test_fresh_wrap_changes_eval_output_but_not_the_model():
     assert_close(original, before, name="wrapped.model")
     assert not torch.allclose(after, before)
     assert math.isfinite(after.abs().sum().item())
+
+
+def test_fitting_the_selector_alone_recovers_a_trained_models_accuracy():
+    torch.set_num_threads(1)
+    """The fine-tuning advice of DropClassModel's docstring, on a toy model trained to ~0.99 pixel accuracy."""
+    g = torch.Generator().manual_seed(1)
+    colours = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])
+
+    def data(n):
+        y = F.interpolate(torch.randint(0, K, (n, 1, 2, 2), generator=g).float(), size=(8, 8)).long()[:, 0]
+        return colours[y].permute(0, 3, 1, 2) + 0.3 * torch.randn(n, 3, 8, 8, generator=g), y
+
+    (x, y), (xv, yv) = data(128), data(64)
+    model = _Seg()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for _ in range(60):
+        i = torch.randint(0, 128, (16,), generator=g)
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def accuracy(f):
+        with torch.no_grad():
+            return (f(xv).argmax(1) == yv).float().mean().item()
+
+    plain = accuracy(model.eval())
+    wrapped = dops.dropclass(model).eval()
+    fresh = accuracy(wrapped)
+    model.requires_grad_(False)
+    opt = torch.optim.Adam(wrapped.selector.parameters(), lr=1e-2)
+    for _ in range(300):  # the selector's BN running statistics (momentum 0.01) settle over a few hundred steps
+        wrapped.train()
+        model.eval()
+        i = torch.randint(0, 128, (16,), generator=g)
+        out = wrapped(x[i], y[i], p=0.0, lam=0.0)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    fitted = accuracy(wrapped.eval())
+    assert plain > 0.95 and fresh < plain - 0.3, (plain, fresh)
+    assert fitted > plain - 0.05, (plain, fresh, fitted)  # measured: 0.998, 0.234, 0.967 (0.997 after 400 steps)
