@@ -3,12 +3,18 @@
 The whole check is one command that ends within 8 minutes (``BUDGET_S``) and
 brings its results back in a few files under ``$OUT``. It composes what exists, nothing new:
 
-* ``preflight``: device, driver, torch, Triton, compute-sanitizer; on a
-  machine without a CUDA device it stops the run within seconds (exit 2);
+* ``preflight``: driver (nvidia-smi), torch import, CUDA start-up, Triton,
+  compute-sanitizer, optional modules, each step timed in ``device.json`` as it
+  ends; a cold sandboxed machine may take a minute to get there, hence its
+  ``PREFLIGHT_S``. Without a CUDA device (or past its limit) the run stops
+  (exit 2) and the summary still says which step was reached;
 * ``tests``: the GPU parity subset of ``tests/`` (``-m "kernel or gpu"`` on
   CUDA tensors: every fused op vs the reference at odd and design §8 shapes,
   fp32/fp16/bf16, NCHW and channels_last, gradients; torch.compile fullgraph,
-  CUDA graphs, opcheck, > 2^31 elements, peak memory, determinism);
+  CUDA graphs, opcheck, > 2^31 elements, peak memory, determinism), in
+  ``PRIORITY`` order, each result written as it ends
+  (``benchmarks/gpu_check_plugin.py``): a stage stopped at its limit keeps
+  what finished;
 * ``sanitizer``: ``compute-sanitizer --tool memcheck`` on one small launch of
   each kernel (``tests/test_kernels_gpu.py``), beside ``tests`` (same group);
 * ``bench_warm``: beside the tests, the same benchmark once more, its times
@@ -21,7 +27,10 @@ brings its results back in a few files under ``$OUT``. It composes what exists, 
 
 Stages of one ``group`` run side by side, groups one after the other, each
 stage under its own ``timeout`` (a hang or crash in one still returns the
-others). The shell script reads the plan from ``python -m benchmarks.gpu_check
+others). A group starts at the latest at the sum of the earlier groups'
+longest limits (``group_starts``); time an earlier group left unused is added
+to its stages' limits, so the script ends within ``BUDGET_S`` plus one
+``KILL_GRACE_S`` whatever each stage takes. The shell script reads the plan from ``python -m benchmarks.gpu_check
 plan --tsv``; ``tests/test_gpu_check.py`` checks it on a CPU. Nothing here
 imports torch at module level (the plan is printed in well under a second).
 """
@@ -35,19 +44,24 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .gpu_check_plugin import RESULTS_ENV, empty_result, read_results
+
 BUDGET_S = 480          # the whole script (a caller's outer time limit: 560 s leaves a margin)
 MAX_FILES = 8           # at most this many files under $OUT (few, so that they are easy to copy back)
 # what comes back under $OUT (logs.tar.gz is written by the shell script itself)
 FILES = ("summary.md", "results.json", "table.md", "bars.png", "scaling.png", "logs.tar.gz")
-BENCH_BUDGET_S = 120    # python -m benchmarks --budget-s: no new row after this; the stage limit adds a margin
-PYTEST_TIMEOUT_S = 120  # per test (pytest-timeout, where installed)
+PREFLIGHT_S = 120       # import torch + nvidia-smi + CUDA start-up on a cold, sandboxed machine
+KILL_GRACE_S = 10       # timeout -k: SIGTERM at the limit, SIGKILL this much later
+BENCH_BUDGET_S = 95     # python -m benchmarks --budget-s: no new row after this; the stage limit adds a margin
+PYTEST_TIMEOUT_S = 90   # per test (pytest-timeout, where installed)
 SANITIZER_TIMEOUT_S = 120  # the memcheck subprocess (tests/test_kernels_gpu.py reads this)
-WARM_BUDGET_S = 130     # the untimed warm-up run of the same benchmark, beside the tests
+WARM_BUDGET_S = 100     # the untimed warm-up run of the same benchmark, beside the tests
 XDIST_WORKERS = 12
 
 # the GPU parity subset: every kernel and GPU test, less the slow random property
@@ -55,7 +69,6 @@ XDIST_WORKERS = 12
 # bench stage runs the CLI itself) and the sanitizer (its own stage)
 TEST_MARKERS = "kernel or gpu"
 TEST_DESELECT = "not test_properties and not gpu_quick_smoke and not example_smoke_gpu and not sanitizer"
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -76,9 +89,15 @@ def _has(module: str) -> bool:
 
 
 def pytest_args(work: str, name: str) -> List[str]:
-    """Options common to the pytest stages: verbose lines in the log (read back if
-    the stage is stopped before pytest writes its junit XML), a junit XML, skip reasons."""
-    return ["-v", "-rfEs", "--durations=15", f"--junitxml={work}/{name}.xml"]
+    """Options common to the pytest stages: verbose lines in the log, a junit XML,
+    skip reasons, and the plugin that orders the tests and writes each result as
+    it ends (to ``<name>.jsonl``: what a stage stopped at its limit keeps). No -x:
+    a failure does not stop the others."""
+    return ["-v", "-rfEs", "--durations=15", f"--junitxml={work}/{name}.xml", "-p", "benchmarks.gpu_check_plugin"]
+
+
+def _results_env(work: str, name: str) -> Dict[str, str]:
+    return {RESULTS_ENV: f"{work}/{name}.jsonl"}
 
 
 def plan(py: str = "python3", work: str = "/tmp/gpu_check", out: str = "gpu_out") -> List[Stage]:
@@ -86,49 +105,73 @@ def plan(py: str = "python3", work: str = "/tmp/gpu_check", out: str = "gpu_out"
     tests = m + ["pytest", "tests", "-m", TEST_MARKERS, "-k", TEST_DESELECT] + pytest_args(work, "tests")
     if _has("xdist"):  # compiles dominate: spread them over the CPU cores
         tests += ["-n", str(XDIST_WORKERS)]
-    if _has("pytest_timeout"):
-        tests += [f"--timeout={PYTEST_TIMEOUT_S}", "--timeout-method=thread"]
+    if _has("pytest_timeout"):  # thread: ends a stuck worker (xdist starts another); signal: fails the one test
+        tests += [f"--timeout={PYTEST_TIMEOUT_S}", f"--timeout-method={'thread' if _has('xdist') else 'signal'}"]
     sanitizer = m + ["pytest", "tests/test_kernels_gpu.py", "-k", "sanitizer"] + pytest_args(work, "sanitizer")
     bench = m + ["benchmarks", "--quick", "--dtypes", "bf16,fp32", "--modes", "fwd+bwd",
                  "--ops", "suppress,class_drop,loss", "--no-progress"]
     train = m + ["benchmarks", "--quick", "--ops", "train_step", "--no-sweep", "--no-plots", "--no-progress",
                  "--out", f"{work}/train_step"]
     return [
-        Stage("preflight", 0, 30, tuple(m + ["benchmarks.gpu_check", "preflight", "--work", work]),
-              "device, driver, torch, Triton, compute-sanitizer; no CUDA device: stop (exit 2)"),
-        Stage("tests", 1, 170, tuple(tests),
-              f'pytest tests -m "{TEST_MARKERS}" -k "{TEST_DESELECT}" on CUDA tensors',
-              env={"TORCHINDUCTOR_COMPILE_THREADS": "1"}),  # no compile pool per xdist worker
+        Stage("preflight", 0, PREFLIGHT_S, tuple(m + ["benchmarks.gpu_check", "preflight", "--work", work]),
+              "nvidia-smi, import torch, CUDA start-up, Triton, compute-sanitizer, optional modules (each timed); "
+              "no CUDA device or past the limit: stop (exit 2), the summary still written"),
+        Stage("tests", 1, 150, tuple(tests),
+              f'pytest tests -m "{TEST_MARKERS}" -k "{TEST_DESELECT}" on CUDA tensors, parity first',
+              env={"TORCHINDUCTOR_COMPILE_THREADS": "1",  # no compile pool per xdist worker
+                   **_results_env(work, "tests")}),
         Stage("sanitizer", 1, 150, tuple(sanitizer),
-              "compute-sanitizer memcheck on one small launch of each kernel (tests/test_kernels_gpu.py)"),
-        Stage("bench_warm", 1, 170, tuple(bench + ["--no-sweep", "--no-plots", "--budget-s", str(WARM_BUDGET_S),
+              "compute-sanitizer memcheck on one small launch of each kernel (tests/test_kernels_gpu.py)",
+              env=_results_env(work, "sanitizer")),
+        Stage("bench_warm", 1, 150, tuple(bench + ["--no-sweep", "--no-plots", "--budget-s", str(WARM_BUDGET_S),
                                                     "--out", f"{work}/bench_warm"]),
               "beside the tests, the same benchmark (no sweeps): fills the torch.compile and Triton caches on disk "
               "so that the timed run compiles little; its times (GPU shared with the tests) are not reported"),
-        Stage("bench", 2, 180, tuple(bench + ["--budget-s", str(BENCH_BUDGET_S), "--out", f"{work}/bench"]),
+        Stage("bench", 2, 140, tuple(bench + ["--budget-s", str(BENCH_BUDGET_S), "--out", f"{work}/bench"]),
               f"python -m benchmarks: design §8 shapes, fwd+bwd, fused vs eager vs torch.compile, "
               f"N/C/B sweeps, budget {BENCH_BUDGET_S} s"),
-        Stage("train_step", 3, 70, tuple(train),
+        Stage("train_step", 3, 55, tuple(train),
               "python -m benchmarks --ops train_step: DeepLabV3-R50 B8 512x1024 bf16, with/without DropClass"),
-        Stage("summary", 4, 20, tuple(m + ["benchmarks.gpu_check", "summary", "--work", work, "--out", out]),
+        Stage("summary", 4, 15, tuple(m + ["benchmarks.gpu_check", "summary", "--work", work, "--out", out]),
               "design §8 goals (benchmarks/goals.py) + stage results -> summary.md, results.json"),
     ]
 
 
-def critical_path_s(stages: List[Stage]) -> int:
-    """Wall-clock bound of the plan: the longest limit of each group, summed."""
+def group_budgets(stages: List[Stage]) -> Dict[int, int]:
+    """Each group's budget: the longest limit among its stages."""
     groups: Dict[int, int] = {}
     for s in stages:
         groups[s.group] = max(groups.get(s.group, 0), s.limit_s)
-    return sum(groups.values())
+    return groups
+
+
+def critical_path_s(stages: List[Stage]) -> int:
+    """Wall-clock bound of the plan: the group budgets, summed."""
+    return sum(group_budgets(stages).values())
+
+
+def group_starts(stages: List[Stage]) -> Dict[int, int]:
+    """Seconds after the start by which each group starts (the earlier budgets, summed).
+    The script gives a stage its limit plus what the earlier groups left unused
+    (this start minus the time already spent, negative after an overrun)."""
+    starts, t = {}, 0
+    for g, budget in sorted(group_budgets(stages).items()):
+        starts[g], t = t, t + budget
+    return starts
 
 
 def format_plan(stages: List[Stage]) -> str:
-    lines = [f"{'group':>5}  {'stage':<10}  {'limit':>6}  composes / command"]
+    starts = group_starts(stages)
+    lines = [f"{'group':>5}  {'stage':<10}  {'limit':>6}  {'start':>6}  composes / command"]
     for s in stages:
-        lines += [f"{s.group:>5}  {s.name:<10}  {s.limit_s:>5}s  {s.composes}", f"{'':>27}$ {s.shell()}"]
-    lines += [f"critical path {critical_path_s(stages)} s of {BUDGET_S} s (groups run one after the other, "
-              f"the stages of a group side by side)",
+        lines += [f"{s.group:>5}  {s.name:<10}  {s.limit_s:>5}s  {starts[s.group]:>5}s  {s.composes}",
+                  f"{'':>35}$ {s.shell()}"]
+    budgets = group_budgets(stages)
+    terms = " + ".join(f"{'/'.join(s.name for s in stages if s.group == g)} {b}" for g, b in sorted(budgets.items()))
+    lines += [f"budget per group (the longest limit of its stages; groups one after the other, a group's stages "
+              f"side by side): {terms} = {critical_path_s(stages)} s of {BUDGET_S} s",
+              f"a stage gets its limit plus what earlier groups left unused; worst case {critical_path_s(stages)} s "
+              f"+ {KILL_GRACE_S} s kill grace + packing the logs",
               f"files back under $OUT ({len(FILES)} of {MAX_FILES}): {', '.join(FILES)}"]
     return "\n".join(lines)
 
@@ -147,70 +190,114 @@ def find_sanitizer() -> Optional[str]:
     return None
 
 
+NVIDIA_SMI_TIMEOUT_S = 45  # its first call on a cold machine starts the driver
+# optional modules the stages use when present (the script needs none of them)
+OPTIONAL = ("pytest", "xdist", "pytest_timeout", "torchvision", "segmentation_models_pytorch", "matplotlib")
+
+
 def _nvidia_smi() -> Optional[Dict[str, str]]:
     if shutil.which("nvidia-smi") is None:
         return None
     try:
         res = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+                             capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
     parts = [p.strip() for p in res.stdout.strip().splitlines()[0].split(",")] if res.stdout.strip() else []
-    return dict(zip(("name", "driver", "memory"), parts)) if len(parts) == 3 else None
+    if len(parts) != 3:
+        return {"error": f"exit {res.returncode}: {(res.stderr or res.stdout).strip()[:200]}"}
+    return dict(zip(("name", "driver", "memory"), parts))
 
 
 def preflight(work: Path) -> int:
-    """Writes device.json; exit 2 with one clear line when there is no CUDA device."""
+    """Writes device.json after every step (``steps``: seconds each took; ``reached``:
+    the step under way), so that a preflight stopped at its limit still tells where
+    it was; exit 2 with one clear line when there is no CUDA device."""
+    work.mkdir(parents=True, exist_ok=True)
+    info = {"python": platform.python_version(), "kernel": platform.release(), "steps": {}, "reached": None}
+
+    def save():
+        (work / "device.json").write_text(json.dumps(info, indent=1))
+
+    def step(name, fn):
+        info["reached"] = name
+        save()
+        t = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            info["steps"][name] = round(time.perf_counter() - t, 1)
+            save()
+
+    info["nvidia_smi"] = step("nvidia-smi", _nvidia_smi)
+    info["modules"] = step("optional modules", lambda: {m: _has(m) for m in OPTIONAL})
     try:
-        import torch
-    except ImportError:
-        print(f"gpu_check: {sys.executable} has no torch (PYTHON=... names another python)", file=sys.stderr)
+        torch = step("import torch", lambda: importlib.import_module("torch"))
+    except Exception as e:  # ImportError, or OSError from a CUDA library
+        print(f"gpu_check: {sys.executable} cannot import torch ({e}; PYTHON=... names another python)",
+              file=sys.stderr)
         return 2
-    info = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "kernel": platform.release(), "nvidia_smi": _nvidia_smi(), "compute_sanitizer": find_sanitizer()}
+    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda)
     try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
+        info["triton"] = step("import triton", lambda: importlib.import_module("triton").__version__)
+    except Exception:
         info["triton"] = None
-    if not torch.cuda.is_available():
+    if not step("CUDA available", torch.cuda.is_available):
         print(f"gpu_check: no CUDA device here (torch {torch.__version__}: torch.cuda.is_available() is False). "
               "scripts/gpu_check.sh runs on a machine with an NVIDIA GPU (benchmarks/README.md); "
               "without a GPU use `make test` and `make bench`.", file=sys.stderr)
         return 2
+
+    def start_cuda():  # a context and one kernel: what every later stage waits for first
+        torch.ones(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+        return torch.cuda.get_device_properties(0)
+
+    props = step("CUDA start-up", start_cuda)
+    info.update(device=props.name, capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
+                memory_gib=round(props.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
+    info["compute_sanitizer"] = step("compute-sanitizer", find_sanitizer)
+    info["reached"] = "done"
+    save()
+    print(json.dumps(info, indent=1))
     if info["triton"] is None:
         print("gpu_check: triton is not installed: the fused kernels cannot run", file=sys.stderr)
         return 2
-    props = torch.cuda.get_device_properties(0)
-    info.update(device=props.name, capability=f"sm_{props.major}{props.minor}", sms=props.multi_processor_count,
-                memory_gib=round(props.total_memory / 2**30, 1), device_count=torch.cuda.device_count())
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "device.json").write_text(json.dumps(info, indent=1))
-    print(json.dumps(info, indent=1))
     return 0
 
 
 # ----------------------------------------------------------------------------- summary
 
 def _stages_run(work: Path) -> Dict[str, dict]:
-    """stages.tsv (written by the shell script): name, exit code, seconds."""
+    """stages.tsv (written by the shell script): name, exit code, seconds, the limit given."""
     out = {}
     path = work / "stages.tsv"
     for line in path.read_text().splitlines() if path.exists() else []:
-        name, rc, secs = line.split("\t")
+        name, rc, secs, *given = line.split("\t")
         rc = int(rc)
         state = "ok" if rc == 0 else ("timed out" if rc in (124, 137) else f"failed (exit {rc})")
         out[name] = {"rc": rc, "seconds": int(secs), "state": state}
+        if given:
+            out[name]["limit_given_s"] = int(given[0])
     return out
 
 
 def junit(work: Path, name: str) -> Optional[dict]:
-    """Counts, failures and skip reasons from a stage's junit XML; from its log
-    (-v lines) when pytest was stopped before writing the XML."""
+    """Counts, failures and skip reasons of a pytest stage: from the results log
+    the plugin writes as each test ends (complete up to where a stage was
+    stopped), else from the junit XML, else from the log's -v lines."""
+    if (work / f"{name}.jsonl").exists():
+        res = read_results(work / f"{name}.jsonl")
+        if res is not None:
+            return res
     xml = work / f"{name}.xml"
-    if xml.exists():
-        res = {"source": "junit", "passed": 0, "failed": 0, "skipped": 0, "failures": [], "skips": []}
-        for case in ET.parse(xml).getroot().iter("testcase"):
+    try:
+        cases = list(ET.parse(xml).getroot().iter("testcase")) if xml.exists() else None
+    except ET.ParseError:
+        cases = None
+    if cases is not None:
+        res = empty_result("junit")
+        for case in cases:
             test = f"{case.get('classname', '')}::{case.get('name', '')}"
             bad = case.find("failure") if case.find("failure") is not None else case.find("error")
             skip = case.find("skipped")
@@ -227,8 +314,7 @@ def junit(work: Path, name: str) -> Optional[dict]:
     log = work / f"{name}.log"
     if not log.exists():
         return None
-    res = {"source": "log (no junit XML: stopped early)", "passed": 0, "failed": 0, "skipped": 0, "failures": [],
-           "skips": []}
+    res = empty_result("log (no results log, no junit XML)")
     for line in log.read_text(errors="replace").splitlines():
         for word, key in (("PASSED", "passed"), ("FAILED", "failed"), ("ERROR", "failed"), ("SKIPPED", "skipped")):
             if f" {word}" in line and "::" in line:
@@ -264,12 +350,23 @@ def _rows_note(res: Optional[dict]) -> str:
     return ", ".join(f"{n} {st}" + (f" ({reasons[st]})" if st in reasons else "") for st, n in sorted(counts.items()))
 
 
+def _preflight_note(device: dict) -> str:
+    """The steps' seconds; where a preflight that did not finish was."""
+    steps = ", ".join(f"{k} {v:g} s" for k, v in (device.get("steps") or {}).items())
+    reached = device.get("reached")
+    return (steps or "no step timed") + ("" if reached in (None, "done") else f"; stopped in: {reached}")
+
+
 def _stage_note(name: str, work: Path, bench: Optional[dict], train: Optional[dict]) -> str:
+    if name == "preflight":
+        return _preflight_note(_load(work / "device.json") or {})
     if name in ("tests", "sanitizer"):
         r = junit(work, name)
         if r is None:
             return "no result"
-        note = f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
+        done = r["passed"] + r["failed"] + r["skipped"]
+        note = (f"{done} of {r['collected']} finished: " if r.get("collected") else "") + \
+            f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
         if name == "sanitizer" and r["skips"]:
             note += f" ({r['skips'][0].split(': ', 1)[-1]})"
         return note
@@ -310,12 +407,22 @@ def summary(work: Path, out: Path) -> int:
             table.append(f"{s.name:<11}{s.limit_s:>5}s{'—':>6}  not run")
             continue
         note = _stage_note(s.name, work, bench, train)
-        table.append(f"{s.name:<11}{s.limit_s:>5}s{run['seconds']:>5}s  {run['state']}" + (f": {note}" if note else ""))
+        limit = run.get("limit_given_s", s.limit_s)
+        table.append(f"{s.name:<11}{limit:>5}s{run['seconds']:>5}s  {run['state']}" + (f": {note}" if note else ""))
     if meta.get("copy_bandwidth_gbps"):
         table.append(f"device copy bandwidth {meta['copy_bandwidth_gbps']:.0f} GB/s (design §8: H200 ≈ 4300)")
+    pre = stages.get("preflight")
+    if pre is not None and pre["rc"] != 0:  # nothing else ran: say why, from the preflight's own words
+        log = work / "preflight.log"
+        tail = log.read_text(errors="replace").strip().splitlines()[-6:] if log.exists() else []
+        table += ["", f"preflight {pre['state']} after {pre['seconds']} s: no other stage ran. "
+                      f"Last lines of preflight.log:"] + [f"  {line[:200]}" for line in tail]
+    modules = device.get("modules") or {}
+    if modules:
+        table.append("optional modules: " + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in modules.items()))
     n = {k: sum(g["status"] == k for g in goal_list) for k in ("met", "missed", "not measured")}
     body = ["", f"design §8 goals (fused path, this run): {n['met']} met, {n['missed']} missed, "
-                f"{n['not measured']} not measured", goals.format_goals(goal_list)]
+                f"{n['not measured']} not measured"] + ([goals.format_goals(goal_list)] if rows else [])
     failures = [f for r in tests.values() if r for f in r["failures"]] + _bad_rows(bench) + _bad_rows(train)
     if failures:
         body += ["", f"failed tests and benchmark rows ({len(failures)}; first 8, all in logs.tar.gz):"] + [f"  {f}" for f in failures[:8]]
@@ -340,7 +447,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pl = sub.add_parser("plan", help="print the stage plan (scripts/gpu_check.sh --dry-run)")
-    pl.add_argument("--tsv", action="store_true", help="group, name, limit, command per line (read by the script)")
+    pl.add_argument("--tsv", action="store_true",
+                    help="group, name, limit, group start, command per line (read by the script)")
     pl.add_argument("--json", action="store_true", help="the plan as JSON")
     pl.add_argument("--py", default="python3", help="the python the stages run")
     pl.add_argument("--work", default="$WORK", help="the stages' scratch folder")
@@ -358,9 +466,11 @@ def main(argv=None) -> int:
     if args.cmd == "plan":
         stages = plan(args.py, args.work, args.out)
         if args.tsv:
-            print("\n".join(f"{s.group}\t{s.name}\t{s.limit_s}\t{s.shell()}" for s in stages))
+            starts = group_starts(stages)
+            print("\n".join(f"{s.group}\t{s.name}\t{s.limit_s}\t{starts[s.group]}\t{s.shell()}" for s in stages))
         elif args.json:
             print(json.dumps({"budget_s": BUDGET_S, "critical_path_s": critical_path_s(stages), "files": list(FILES),
+                              "kill_grace_s": KILL_GRACE_S, "group_starts": group_starts(stages),
                               "max_files": MAX_FILES,
                               "stages": [dict(name=s.name, group=s.group, limit_s=s.limit_s, argv=list(s.argv),
                                               env=s.env, composes=s.composes) for s in stages]}, indent=1))

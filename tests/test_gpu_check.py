@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_check
+from benchmarks import gpu_check_plugin as plugin
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
@@ -33,9 +34,19 @@ def test_dry_run_prints_the_plan_within_budget(tmp_path):
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     stages = gpu_check.plan(sys.executable, str(tmp_path / "work"), str(tmp_path / "out"))
+    starts = gpu_check.group_starts(stages)
+    print(res.stdout)  # each stage's limit and latest start, and the group budgets' sum
     for s in stages:
-        assert re.search(rf"\b{s.name}\s+{s.limit_s}s\b", res.stdout), f"{s.name} missing from:\n{res.stdout}"
+        assert re.search(rf"\b{s.name}\s+{s.limit_s}s\s+{starts[s.group]}s\b", res.stdout), \
+            f"{s.name} missing from:\n{res.stdout}"
+    budgets = gpu_check.group_budgets(stages)
+    assert f"= {sum(budgets.values())} s of {gpu_check.BUDGET_S} s" in res.stdout
     assert not list(tmp_path.glob("gpu_check.*")), "a dry run creates no work folder"
+    # a cold, sandboxed machine: import torch + nvidia-smi + CUDA start-up get two minutes
+    assert stages[0].name == "preflight" and stages[0].limit_s == gpu_check.PREFLIGHT_S >= 120
+    # the script's kill grace is the one counted; the worst case stays inside a 560 s outer limit
+    assert f"timeout -k {gpu_check.KILL_GRACE_S} " in SCRIPT.read_text()
+    assert gpu_check.critical_path_s(stages) + gpu_check.KILL_GRACE_S + 30 <= 560
     plan = json.loads(subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "plan", "--json"], cwd=ROOT,
                                      capture_output=True, text=True, timeout=60, check=True).stdout)
     # groups run one after the other: the wall-clock bound is the longest limit of each group, summed
@@ -91,6 +102,16 @@ def test_stage_command_parses(name, tmp_path):
         assert m and int(m.group(1)) > 0, res.stdout[-2000:]
         missing = [t for t in REQUIRED[name] if f"::{t}" not in res.stdout]
         assert not missing, f"stage {name} does not select {missing}"
+        # with the stage's environment the plugin orders them: each op's parity first, the heavy ones last
+        res = subprocess.run(argv + ["--collect-only", "-qq"], cwd=ROOT, env=_env(tmp_path, **stage.env),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        names = [line.split("::")[-1].split("[")[0] for line in res.stdout.splitlines() if "::" in line]
+        ranks = [plugin.priority(n, ()) if n in plugin.PARITY + plugin.HEAVY else None for n in names]
+        known = [r for r in ranks if r is not None]
+        assert known == sorted(known), "parity tests first, heavy ones last"
+        if name == "tests":
+            assert ranks[0] == 0 and ranks[-1] == 3, names[:3] + names[-3:]
     elif module == "benchmarks":
         from benchmarks.__main__ import parser
         ns = parser().parse_args(args)
@@ -142,3 +163,49 @@ def test_real_run_without_cuda_fails_fast(tmp_path):
     assert "gpu_check: no CUDA device here" in res.stderr and "benchmarks/README.md" in res.stderr, res.stderr
     assert took < 60, f"took {took:.0f} s"
     assert not list(tmp_path.glob("gpu_check.*")), "the work folder is removed"
+    # what comes back when the preflight fails: the summary says how far it got, the logs are packed
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"summary.md", "results.json", "logs.tar.gz"}
+    text = (out / "summary.md").read_text()
+    assert re.search(r"preflight .*failed \(exit 2\): .*import torch [\d.]+ s.*stopped in: CUDA available", text), text
+    assert "no other stage ran" in text and "no CUDA device here" in text
+    assert re.search(r"\ntests .* not run\n", text), text
+    assert json.loads((out / "results.json").read_text())["device"]["reached"] == "CUDA available"
+
+
+CUT_OFF = """
+import time
+import pytest
+
+def test_moments_gpu_full_size():  # heavy: runs last, and is cut off
+    time.sleep(60)
+
+@pytest.mark.gpu
+def test_gpu_feature():
+    pass
+
+def test_parity_ratios():  # parity: runs first
+    pass
+"""
+
+
+def test_stage_cut_off_keeps_what_finished(tmp_path):
+    """A pytest stage stopped by `timeout` (SIGTERM) keeps the tests that finished, in
+    priority order: the plugin's results log (written as each ends) and pytest's junit XML."""
+    (tmp_path / "test_cut.py").write_text(CUT_OFF)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = _env(tmp_path, **{plugin.RESULTS_ENV: str(work / "t.jsonl")})
+    argv = ["timeout", "-k", "20", "8", sys.executable, "-m", "pytest", str(tmp_path / "test_cut.py"),
+            *gpu_check.pytest_args(str(work), "t")]
+    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 124, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = [json.loads(x) for x in (work / "t.jsonl").read_text().splitlines()]
+    assert lines[0] == {"collected": 3}
+    assert [x["nodeid"].split("::")[-1] for x in lines[1:]] == ["test_parity_ratios", "test_gpu_feature"]
+    r = gpu_check.junit(work, "t")
+    assert (r["collected"], r["passed"], r["failed"]) == (3, 2, 0), r
+    assert (work / "t.xml").exists(), "SIGTERM became KeyboardInterrupt: pytest wrote its junit XML"
+    (work / "stages.tsv").write_text("tests\t124\t8\t8\n")
+    (work / "t.jsonl").rename(work / "tests.jsonl")
+    assert "2 of 3 finished: 2 passed, 0 failed, 0 skipped" in gpu_check._stage_note("tests", work, None, None)
