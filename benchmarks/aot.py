@@ -1,26 +1,35 @@
-"""Compile every Triton kernel of debias_ops for sm_90 (H100) without a GPU, at
-exactly the configurations the launchers pick at design §8's shapes, and report
-what the compiler did.
+"""Compile every Triton kernel of debias_ops offline -- no GPU -- for the GPUs
+users have, at exactly the configurations the launchers pick on each at design
+§8's shapes, and report what the compiler did.
 
-    python -m benchmarks.aot [--list] [case-substring ...]
+    python -m benchmarks.aot [--target sm_90] [--plan-for TARGET] [--list] [case-substring ...]
+
+Targets (``DEVICES``): sm_80 (A100), sm_89 (L4), sm_90 (H100), sm_100 (B200),
+sm_120 (RTX 5090), gfx942 (MI300X). ``--plan-for`` records the launches one
+device's plans pick and compiles them for ``--target`` (e.g. the H100's picks
+on an A100).
 
 How "exactly what the launcher picks" is obtained: each launcher
-(``kernels/gate.launch_gate``, ``kernels/moments.batch_moments``,
-``kernels/loss.launch_dropclass_loss``) is *called* with fake CUDA tensors
-(``FakeTensorMode``: shapes, strides and dtypes, no storage, no GPU), an H100
-SM count (132) and, through the launchers' existing ``wrap=`` hook, a recorder
-in place of each kernel, so ``kernel[grid](*args, **kw)`` records the call
-instead of launching. Each recorded call is then specialised with Triton's own
-binder (the one ``JITFunction.run`` uses: pointer/int alignment, ints equal to
-1 as constants, i32/i64) and compiled with ``triton.compile`` for
-``GPUTarget("cuda", 90, 32)`` with the recorded options (num_warps,
-num_stages, maxnreg). Registers and spills come from the bundled ptxas
-(``-v``) run on the generated PTX with Triton's own flags.
+(``kernels/gate.launch``, ``kernels/moments.launch``, ``kernels/loss.launch``)
+is *called* with fake CUDA tensors (``FakeTensorMode``: shapes, strides and
+dtypes, no storage, no GPU) inside ``kernels._common.assume_target`` (the
+device's SM count, shared-memory limit, architecture: what the launchers'
+``plan()`` functions read of a GPU) and, through the launchers' ``wrap=``
+hook, a recorder in place of each kernel, so ``kernel[grid](*args, **kw)``
+records the call instead of launching. Each recorded call is then specialised
+with Triton's own binder (the one ``JITFunction.run`` uses: pointer/int
+alignment, ints equal to 1 as constants, i32/i64) and compiled with
+``triton.compile`` for the target's ``GPUTarget`` with the recorded options
+(num_warps, num_stages, maxnreg). NVIDIA: registers and spills from the bundled
+ptxas (``-v``) run on the generated PTX with Triton's own flags. AMD: VGPRs,
+spills and scratch from the AMDGCN assembly's kernel metadata.
 
-Columns: regs, spill stores/loads (bytes), shared memory (KiB; limit 227),
-wgmma / mma instructions in the PTX, tf32 wgmma, widest global load / store
-(bits per thread and instruction), C7515 (ptxas serialised the wgmma
-pipeline). Requires Triton >= 3.5-ish internals (``native_specialize_impl``,
+Columns: regs, spill stores/loads (bytes; AMD: spilled VGPRs+SGPRs / scratch
+bytes), shared memory (KiB; the target's limit in the title), tensor-core
+instructions in the PTX / AMDGCN (wgmma on sm_90, tcgen05.mma on sm_100,
+mma.sync, v_mfma), of them tf32, widest global load / store (bits per thread
+and instruction), C7515 (ptxas serialised the wgmma pipeline). Requires Triton
+>= 3.5-ish internals (``native_specialize_impl``,
 ``create_function_from_signature``); ``available()`` says why not otherwise.
 
 Why: the interpreter runs each program as Python and does not type-check
@@ -43,8 +52,44 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-H100_SMS = 132
-SMEM_LIMIT = 227 * 1024  # sm_90 max dynamic shared memory per block (bytes)
+KIB = 1024
+
+
+@dataclass(frozen=True)
+class Device:
+    """A GPU the offline compiles stand in for: what the plans read of it
+    (``kernels._common.Target`` fields) and the compiler target."""
+    name: str
+    backend: str      # "cuda" / "hip"
+    arch: object      # 90 / "gfx942"
+    sms: int          # SMs (CUs on AMD)
+    smem: int         # shared memory (LDS) per block, bytes: CUDA's opt-in maximum
+    warp_size: int = 32
+
+    def plan_target(self):
+        from debias_ops.kernels._common import Target
+        return Target(self.backend, self.arch, self.sms, self.smem, self.warp_size)
+
+    def gpu_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget(self.backend, self.arch, self.warp_size)
+
+
+# Per-block shared memory: the CUDA C Programming Guide's table of compute
+# capabilities (max. shared memory per thread block, opt-in: 8.0 163 KiB, 8.9
+# 99 KiB, 9.0 227 KiB, 10.0 227 KiB, 12.0 99 KiB); MI300X: 64 KiB LDS per
+# workgroup. SM counts of the named products (sm_89: the L4, 58 SMs; an RTX 4090
+# has 128, same limits).
+DEVICES = {
+    "sm_80": Device("A100 SXM", "cuda", 80, 108, 163 * KIB),
+    "sm_89": Device("L4", "cuda", 89, 58, 99 * KIB),
+    "sm_90": Device("H100 SXM", "cuda", 90, 132, 227 * KIB),
+    "sm_100": Device("B200", "cuda", 100, 148, 227 * KIB),
+    "sm_120": Device("RTX 5090", "cuda", 120, 170, 99 * KIB),
+    "gfx942": Device("MI300X", "hip", "gfx942", 304, 64 * KIB, 64),
+}
+H100_SMS = DEVICES["sm_90"].sms
+SMEM_LIMIT = DEVICES["sm_90"].smem
 
 # design §8 shapes
 W48 = dict(B=8, C=720, H=128, W=256, K=19)
@@ -54,8 +99,8 @@ LOSS = dict(B=8, K=19, h=128, w=256, H=512, W=1024)
 
 # ----------------------------------------------------------------------------- availability
 
-def available() -> str | None:
-    """None when sm_90 AOT compiles can run here, else the reason they cannot."""
+def available(target: str = "sm_90") -> str | None:
+    """None when offline compiles for ``target`` can run here, else the reason they cannot."""
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
         return "TRITON_INTERPRET is set (the compiler path is not used)"
     try:
@@ -66,42 +111,46 @@ def available() -> str | None:
         from triton.runtime.jit import create_function_from_signature  # noqa: F401
     except Exception as err:  # pragma: no cover - other Triton versions
         return f"this Triton lacks the AOT pieces used here ({err})"
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        exe = get_ptxas(90).path
-    except Exception as err:  # pragma: no cover
-        return f"no usable ptxas ({err})"
-    if not exe or not Path(exe).exists():
-        return "no ptxas"
+    dev = DEVICES[target]
+    if dev.backend == "cuda":
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+            exe = get_ptxas(dev.arch).path
+        except Exception as err:  # pragma: no cover
+            return f"no usable ptxas for {target} ({err})"
+        if not exe or not Path(exe).exists():
+            return f"no ptxas for {target}"
+    else:
+        try:
+            from triton._C.libtriton import amd  # noqa: F401
+            from triton.backends.amd.compiler import HIPBackend  # noqa: F401
+        except Exception as err:  # pragma: no cover - a Triton built without the AMD backend
+            return f"this Triton has no AMD backend ({err})"
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: F401
     except Exception as err:  # pragma: no cover
         return f"torch has no FakeTensorMode ({err})"
-    return _probe()
+    return _probe(target)
 
 
 @functools.lru_cache(maxsize=None)
-def _probe() -> str | None:
-    """Dry-run and specialise one gate launch: Triton's JIT internals used here
-    (binder, ``_pack_args``) are private and change between versions."""
+def _probe(target: str) -> str | None:
+    """Dry-run, specialise and compile one gate launch: Triton's JIT internals used
+    here (binder, ``_pack_args``) are private and change between versions, and a
+    backend may lack a piece it needs (e.g. AMD's linker)."""
     try:
         case = "gate-apply-W48-bf16-nchw"
-        _specialise(dry_run(case, _cases()[case])[0])
+        compile_launch(dry_run(case, _cases()[case], target)[0], target)
     except Exception as err:  # pragma: no cover - other Triton / torch versions
-        return f"this Triton's JIT internals differ from what benchmarks/aot.py uses ({type(err).__name__}: {err})"
+        return (f"compiling for {target} fails with this Triton / torch "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})")
     return None
 
 
 @functools.lru_cache(maxsize=None)
-def _target():
-    from triton.backends.compiler import GPUTarget
-    return GPUTarget("cuda", 90, 32)
-
-
-@functools.lru_cache(maxsize=None)
-def _backend():
+def _backend(target: str):
     from triton.compiler import make_backend
-    return make_backend(_target())
+    return make_backend(DEVICES[target].gpu_target())
 
 
 # ----------------------------------------------------------------------------- recording launches
@@ -137,21 +186,19 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _fake_h100():
-    """Fake CUDA tensors and an H100's SM count for the launchers' host code."""
+def _fake_device(target: str):
+    """Fake CUDA tensors, and ``target``'s properties for the launchers' plans."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from debias_ops.kernels import gate, moments
-    saved = (gate._sm_count, moments._num_sms, torch.cuda.device)
-    gate._sm_count = lambda index: H100_SMS
-    moments._num_sms = lambda index: H100_SMS
+    from debias_ops.kernels import _common
+    saved = torch.cuda.device
     torch.cuda.device = lambda device: contextlib.nullcontext()  # Triton's device switch (no CUDA here)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with _common.assume_target(DEVICES[target].plan_target()), FakeTensorMode(allow_non_fake_inputs=True):
             yield
     finally:
-        gate._sm_count, moments._num_sms, torch.cuda.device = saved
+        torch.cuda.device = saved
 
 
 def _eager_triton_op():
@@ -165,8 +212,8 @@ def _eager_triton_op():
     return set_wrap_triton_enabled(False)
 
 
-def dry_run(case: str, body) -> list[Launch]:
-    """Run ``body(wrap)`` as an eager ``triton_op`` call (a case name ending in
+def dry_run(case: str, body, target: str = "sm_90") -> list[Launch]:
+    """Run ``body(wrap)`` on ``target`` (its plans) as an eager ``triton_op`` call (a case name ending in
     ``-traced``: as traced by torch.compile) (which calls a launcher with ``wrap=wrap`` on fake CUDA
     tensors it creates) and return the launches it made, tensors replaced by tiny
     CPU stand-ins of the same dtype (what specialisation looks at: dtype and a
@@ -174,7 +221,7 @@ def dry_run(case: str, body) -> list[Launch]:
     import torch
     rec = _Recorder()
     traced = case.endswith("-traced")  # as under torch.compile: wrap_triton enabled
-    with _fake_h100(), (contextlib.nullcontext() if traced else _eager_triton_op()):
+    with _fake_device(target), (contextlib.nullcontext() if traced else _eager_triton_op()):
         body(rec)
     out, seen = [], {}
     for kernel, grid, args, kwargs in rec.launches:
@@ -219,17 +266,17 @@ def _cases() -> dict:
                 def apply(wrap, s=s, d=dt[dname], cl=cl):
                     a = feats(s, d, cl)
                     gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
-                    g.launch_gate(a, gt, torch.empty_like(a), wrap=wrap)
+                    g.launch(a, gt, torch.empty_like(a), wrap=wrap)
 
                 def bwd(wrap, s=s, d=dt[dname], cl=cl):  # suppress: dA only
                     a = feats(s, d, cl)
                     gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
-                    g.launch_gate(torch.empty_like(a), gt, torch.empty_like(a), None, wrap=wrap)
+                    g.launch(torch.empty_like(a), gt, torch.empty_like(a), None, wrap=wrap)
 
                 def bwd_dg(wrap, s=s, d=dt[dname], cl=cl):  # class_drop: dA and dg
                     a = feats(s, d, cl)
                     gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
-                    g.launch_gate(torch.empty_like(a), gt, torch.empty_like(a), a, wrap=wrap)
+                    g.launch(torch.empty_like(a), gt, torch.empty_like(a), a, wrap=wrap)
 
                 cases[f"gate-apply-{sname}-{dname}-{lay}"] = apply
                 cases[f"gate-bwd-{sname}-{dname}-{lay}"] = bwd
@@ -240,7 +287,7 @@ def _cases() -> dict:
                 a = feats(s, d, False)
                 gt = torch.empty(s["B"], s["C"], dtype=torch.float32, device="cuda")
                 dout = torch.empty((), dtype=d, device="cuda").expand(a.shape)
-                g.launch_gate(dout, gt, torch.empty_like(a), a, wrap=wrap)
+                g.launch(dout, gt, torch.empty_like(a), a, wrap=wrap)
             cases[f"gate-bwd-dg-{sname}-{dname}-expanded"] = bwd_exp
 
     # moments (design §2): fp32 (tf32x3), bf16, fp16, mixed (bf16 feats, fp32 logits)
@@ -249,7 +296,7 @@ def _cases() -> dict:
                                 ("fp16", ("fp16", "fp16")), ("mixed", ("bf16", "fp32"))):
             for cl in (False, True):
                 def mom(wrap, s=s, da=dt[da], dl=dt[dl], cl=cl):
-                    mo.batch_moments(feats(s, da, cl), feats(s, dl, cl, K=True), wrap=wrap)
+                    mo.launch(feats(s, da, cl), feats(s, dl, cl, K=True), wrap=wrap)
                 cases[f"moments-{sname}-{dname}-{'cl' if cl else 'nchw'}"] = mom
 
     # loss (design §4): fp32 / bf16 logits, int64 / int32 / uint8 labels, with / without class weights
@@ -263,8 +310,8 @@ def _cases() -> dict:
                     y = torch.empty(s["B"], s["H"], s["W"], dtype=ydt, device="cuda")
                     dropped = torch.empty(s["B"], s["K"], dtype=torch.bool, device="cuda")
                     wc = torch.empty(s["K"], dtype=torch.float32, device="cuda") if weighted else None
-                    lo.launch_dropclass_loss(x, xd, y, dropped, wc, 0.5, 1.0, 255, True, True,
-                                             torch.empty_like(x), torch.empty_like(xd), wrap=wrap)
+                    lo.launch(x, xd, y, dropped, wc, 0.5, 1.0, 255, True, True,
+                              torch.empty_like(x), torch.empty_like(xd), wrap=wrap)
                 cases[f"loss-{dname}-{yname}{wname}"] = loss
                 if yname == "i64" and not wname:
                     # the launch torch.compile traces (no maxnreg: wrap_triton does not forward it)
@@ -272,24 +319,27 @@ def _cases() -> dict:
     return cases
 
 
-def launches(select=None) -> list[Launch]:
-    """Every launch of every case (``select``: substrings, any of which must match the case name)."""
+def launches(select=None, target: str = "sm_90") -> list[Launch]:
+    """Every launch of every case as planned for ``target`` (``select``: substrings,
+    any of which must match the case name)."""
     out = []
     for case, body in _cases().items():
         if select and not any(s in case for s in select):
             continue
-        out.extend(dry_run(case, body))
+        out.extend(dry_run(case, body, target))
     return out
 
 
 # ----------------------------------------------------------------------------- compiling
 
-def _specialise(ln: Launch):
+def _specialise(ln: Launch, target: str = "sm_90"):
     """(signature, constexprs, attrs, options dict) exactly as ``JITFunction.run`` would build them."""
     from triton import knobs
     from triton.runtime.jit import create_function_from_signature
-    fn, backend = ln.kernel, _backend()
+    fn, backend = ln.kernel, _backend(target)
     kwargs = dict(ln.kwargs)
+    if DEVICES[target].backend != "cuda":
+        kwargs.pop("maxnreg", None)  # an NVIDIA-only option (the launchers do not pass it for AMD)
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*ln.args, **kwargs)
@@ -298,33 +348,35 @@ def _specialise(ln: Launch):
     return signature, constexprs, attrs, opts
 
 
-def _key(ln: Launch):
-    sig, const, attrs, opts = _specialise(ln)
-    return (ln.kernel.fn.__module__, ln.kernel_name, tuple(sig.items()), tuple(sorted(const.items())),
+def _key(ln: Launch, target: str):
+    sig, const, attrs, opts = _specialise(ln, target)
+    return (target, ln.kernel.fn.__module__, ln.kernel_name, tuple(sig.items()), tuple(sorted(const.items())),
             repr(sorted(attrs.items())), tuple(sorted(opts.items())))
 
 
 _COMPILED: dict = {}  # key -> (compiled kernel, report dict); lives for the process (a test session)
 
 
-def compile_launch(ln: Launch):
-    """(CompiledKernel, report) for one recorded launch, compiled once per distinct specialisation."""
+def compile_launch(ln: Launch, target: str = "sm_90"):
+    """(CompiledKernel, report) for one recorded launch compiled for ``target``, once
+    per distinct specialisation."""
     from triton.compiler import ASTSource
-    key = _key(ln)
+    key = _key(ln, target)
     if key not in _COMPILED:
-        sig, const, attrs, opts = _specialise(ln)
+        sig, const, attrs, opts = _specialise(ln, target)
         t0 = time.perf_counter()
-        ck, log = _compile_with_log(ASTSource(fn=ln.kernel, signature=sig, constexprs=const, attrs=attrs), opts)
-        rep = analyse(ck, log)
+        ck, log = _compile_with_log(ASTSource(fn=ln.kernel, signature=sig, constexprs=const, attrs=attrs),
+                                    opts, target)
+        rep = analyse(ck, log, target)
         rep["compile_s"] = time.perf_counter() - t0
         rep["options"] = {k: opts[k] for k in ("num_warps", "num_stages", "maxnreg") if k in opts}
         _COMPILED[key] = (ck, rep)
     return _COMPILED[key]
 
 
-def _compile_with_log(src, opts):
-    """triton.compile for sm_90, keeping ptxas's -v log when Triton runs ptxas (it does
-    not on an on-disk cache hit: then the log is None and ``analyse`` runs ptxas)."""
+def _compile_with_log(src, opts, target: str):
+    """triton.compile for ``target``, keeping ptxas's -v log when Triton runs ptxas (it
+    does not on an on-disk cache hit: then the log is None and ``analyse`` runs ptxas)."""
     import io
 
     import triton
@@ -334,7 +386,7 @@ def _compile_with_log(src, opts):
     try:
         knobs.nvidia.dump_ptxas_log = True
         with contextlib.redirect_stdout(buf):
-            ck = triton.compile(src, target=_target(), options=opts)
+            ck = triton.compile(src, target=DEVICES[target].gpu_target(), options=opts)
     finally:
         knobs.nvidia.dump_ptxas_log = prev
     log = buf.getvalue()
@@ -355,42 +407,84 @@ def _ptxas_extra_flags() -> tuple:
     return ("--regAllocOptLevel=2",) if "--regAllocOptLevel=2" in src else ()
 
 
-def _ptxas_v(ptx: str, enable_fp_fusion: bool = True) -> str:
+def _ptxas_v(ptx: str, arch: int, enable_fp_fusion: bool = True) -> str:
     """ptxas -v log of the PTX with Triton's own flags (Triton does not keep the log)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-    exe = get_ptxas(90).path
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    exe = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
         cmd = [exe, "-lineinfo", *([] if enable_fp_fusion else ["--fmad=false"]), "-v", *_ptxas_extra_flags(),
-               "--gpu-name=sm_90a", str(src), "-o", str(Path(d) / "k.cubin")]
+               f"--gpu-name={sm_arch_from_capability(arch)}", str(src), "-o", str(Path(d) / "k.cubin")]
         r = subprocess.run(cmd, capture_output=True, text=True)
         return r.stdout + r.stderr
 
 
-def _max_vec_bits(ptx: str, op: str) -> int:
+def _max_vec_bits(asm: str, op: str) -> int:
     """Widest global access of kind ``op`` (ld / st) in bits per thread and instruction."""
     best = 0
-    for m in re.finditer(rf"\b{op}\.global[.\w]*?(?:\.v(\d))?\.(b|f|u|s)(\d+)\b", ptx):
+    for m in re.finditer(rf"\b{op}\.global[.\w]*?(?:\.v(\d))?\.(b|f|u|s)(\d+)\b", asm):
         best = max(best, int(m.group(1) or 1) * int(m.group(3)))
     return best
 
 
-def analyse(ck, log: str | None = None) -> dict:
+def _amd_vec_bits(asm: str, op: str) -> int:
+    """AMDGCN: widest ``global_load_dwordxN`` / ``global_store_dwordxN`` (also buffer_*) in bits."""
+    best = 0
+    kind = "load" if op == "ld" else "store"
+    for m in re.finditer(rf"\b(?:global|buffer)_{kind}_(dword(?:x(\d))?|short|ushort|sshort|byte|ubyte|sbyte|b(\d+))\b", asm):
+        if m.group(1).startswith("dword"):
+            bits = 32 * int(m.group(2) or 1)
+        elif m.group(3):
+            bits = int(m.group(3))
+        else:
+            bits = 16 if "short" in m.group(1) else 8
+        best = max(best, bits)
+    return best
+
+
+def _amd_meta(asm: str, key: str) -> int:
+    m = re.findall(rf"\.{key}:\s+(\d+)", asm)
+    return max(int(x) for x in m) if m else -1
+
+
+def analyse(ck, log: str | None = None, target: str = "sm_90") -> dict:
+    """Registers, spills, shared memory, tensor-core instructions and access widths of a compile."""
+    dev = DEVICES[target]
+    if dev.backend == "hip":
+        asm = ck.asm["amdgcn"]
+        scratch = re.findall(r"ScratchSize:\s+(\d+)", asm)
+        return dict(
+            regs=_amd_meta(asm, "vgpr_count"),
+            spill_st=max(_amd_meta(asm, "vgpr_spill_count"), 0) + max(_amd_meta(asm, "sgpr_spill_count"), 0),
+            spill_ld=max((int(x) for x in scratch), default=0),
+            smem=int(ck.metadata.shared),
+            tc=len(re.findall(r"^\s*v_mfma", asm, re.M)),
+            tc_tf32=len(re.findall(r"^\s*v_mfma\S*xf32", asm, re.M)),
+            wgmma=0, wgmma_tf32=0, mma=0, cvt_tf32=0,
+            ld_bits=_amd_vec_bits(asm, "ld"), st_bits=_amd_vec_bits(asm, "st"),
+            c7515=False, ptxas_log="",
+        )
     ptx = ck.asm["ptx"]
     if log is None:
-        log = _ptxas_v(ptx, getattr(ck.metadata, "enable_fp_fusion", True))
+        log = _ptxas_v(ptx, dev.arch, getattr(ck.metadata, "enable_fp_fusion", True))
     regs = re.findall(r"Used (\d+) registers", log)
     st = re.findall(r"(\d+) bytes spill stores", log)
     ld = re.findall(r"(\d+) bytes spill loads", log)
+    wgmma = len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M))
+    wgmma_tf32 = len(re.findall(r"^\s*wgmma\.mma_async\S*\.tf32", ptx, re.M))
+    mma = len(re.findall(r"^\s*mma\.sync", ptx, re.M))
+    mma_tf32 = len(re.findall(r"^\s*mma\.sync\S*\.tf32", ptx, re.M))
+    tc5 = len(re.findall(r"^\s*tcgen05\.mma(?:\.cta_group::\d)?(?:\.kind::\w+)?\S*", ptx, re.M))
+    tc5_tf32 = len(re.findall(r"^\s*tcgen05\.mma\S*kind::tf32", ptx, re.M))
     return dict(
         regs=int(regs[-1]) if regs else -1,
         spill_st=int(st[-1]) if st else -1,
         spill_ld=int(ld[-1]) if ld else -1,
         smem=int(ck.metadata.shared),
-        wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
-        wgmma_tf32=len(re.findall(r"^\s*wgmma\.mma_async\S*\.tf32", ptx, re.M)),
-        mma=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
+        tc=wgmma + mma + tc5,
+        tc_tf32=wgmma_tf32 + mma_tf32 + tc5_tf32,
+        wgmma=wgmma, wgmma_tf32=wgmma_tf32, mma=mma,
         cvt_tf32=len(re.findall(r"cvt\.rna\.tf32\.f32", ptx)),
         ld_bits=_max_vec_bits(ptx, "ld"),
         st_bits=_max_vec_bits(ptx, "st"),
@@ -402,54 +496,71 @@ def analyse(ck, log: str | None = None) -> dict:
 # ----------------------------------------------------------------------------- table
 
 HEADER = (f"{'launch':44s} {'grid':>16s} {'warps':>5s} {'stg':>3s} {'maxr':>4s} {'regs':>4s} {'spill st/ld':>11s} "
-          f"{'smem KiB':>8s} {'wgmma':>5s} {'tf32':>4s} {'mma':>4s} {'ld/st bits':>10s}  note")
+          f"{'smem KiB':>8s} {'tc':>5s} {'tf32':>4s} {'ld/st bits':>10s}  note")
 
 
-def row(ln: Launch, r: dict) -> str:
+def row(ln: Launch, r: dict, target: str = "sm_90") -> str:
     """One table line of a compiled launch (see HEADER)."""
     o = r["options"]
     note = []
-    if r["smem"] > SMEM_LIMIT:
-        note.append("OVER 227 KiB")
+    if r["smem"] > DEVICES[target].smem:
+        note.append(f"OVER {DEVICES[target].smem // KIB} KiB")
     if r["c7515"]:
         note.append("wgmma serialised (C7515)")
     grid = "x".join(str(x) for x in ln.grid)
     return (f"{ln.name:44s} {grid:>16s} {o.get('num_warps', '-')!s:>5s} {o.get('num_stages', '-')!s:>3s} "
             f"{o.get('maxnreg', '-')!s:>4s} {r['regs']:4d} {str(r['spill_st']) + '/' + str(r['spill_ld']):>11s} "
-            f"{r['smem'] / 1024:8.1f} {r['wgmma']:5d} {r['wgmma_tf32']:4d} {r['mma']:4d} "
+            f"{r['smem'] / 1024:8.1f} {r['tc']:5d} {r['tc_tf32']:4d} "
             f"{str(r['ld_bits']) + '/' + str(r['st_bits']):>10s}  {', '.join(note)}")
 
 
-def print_table(launch_list, out=sys.stdout) -> list[tuple[Launch, dict]]:
-    """Compile each launch and print its line; returns [(launch, report)]."""
+def print_table(launch_list, target: str = "sm_90", out=sys.stdout) -> list[tuple[Launch, dict]]:
+    """Compile each launch for ``target`` and print its line; returns [(launch, report)]."""
     print(HEADER, file=out, flush=True)
     rows = []
     for ln in launch_list:
-        _ck, r = compile_launch(ln)
-        print(row(ln, r), file=out, flush=True)
+        _ck, r = compile_launch(ln, target)
+        print(row(ln, r, target), file=out, flush=True)
         rows.append((ln, r))
     return rows
 
 
-def table(select=None, out=sys.stdout) -> list[tuple[Launch, dict]]:
-    return print_table(launches(select), out)
+def title(target: str, plan_for: str | None = None) -> str:
+    import triton
+    d = DEVICES[target]
+    tool = "ptxas -v" if d.backend == "cuda" else "AMDGCN metadata"
+    planned = f"; launches as planned for {plan_for}" if plan_for and plan_for != target else ""
+    return (f"triton {triton.__version__}, target {target} ({d.name}, {d.sms} {'SMs' if d.backend == 'cuda' else 'CUs'}), "
+            f"{tool}; smem limit {d.smem // KIB} KiB{planned}")
+
+
+def _option(argv: list, flag: str, default=None):
+    if flag in argv:
+        i = argv.index(flag)
+        value = argv[i + 1]
+        del argv[i:i + 2]
+        if value not in DEVICES:
+            raise SystemExit(f"{flag} {value}: expected one of {', '.join(DEVICES)}")
+        return value
+    return default
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    why = available()
+    target = _option(argv, "--target", "sm_90")
+    plan_for = _option(argv, "--plan-for", target)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default
+    why = available(target)
     if why:
-        print(f"sm_90 AOT compile not available: {why}")
+        print(f"{target} AOT compile not available: {why}")
         return 1
     if "--list" in argv:
         for c in _cases():
             print(c)
         return 0
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.6's default
-    import triton
-    print(f"triton {triton.__version__}, target sm_90 (H100, {H100_SMS} SMs), ptxas -v; smem limit 227 KiB")
+    print(title(target, plan_for))
     t0 = time.perf_counter()
-    table(argv or None)
+    print_table(launches(argv or None, plan_for), target)
     print(f"({len(_COMPILED)} distinct compiles, {time.perf_counter() - t0:.0f} s)")
     return 0
 

@@ -1,4 +1,4 @@
-"""Compile moments-kernel *variants* (tuning knobs of ``batch_moments``) for
+"""Compile moments-kernel *variants* (tuning knobs of ``kernels/moments.plan``) for
 sm_90 without a GPU and report what the compiler did: wgmma, shared memory,
 registers and spills, C7515 (serialised wgmma pipeline).
 
@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import aot  # noqa: E402
 
-# name -> (feats dtype, logits dtype, channels_last, W (positions per row), batch_moments kwargs)
+# name -> (feats dtype, logits dtype, channels_last, W (positions per row), moments.plan knobs)
 VARIANTS = {
     "bf16-nchw": ("bf16", "bf16", False, 256, {}),
     "bf16-cl": ("bf16", "bf16", True, 256, {}),
@@ -59,7 +59,7 @@ def variant_launches(name: str):
     def body(wrap):
         a = torch.empty(s["B"], s["C"], s["H"], W, dtype=dt[da], device="cuda", memory_format=fmt)
         lg = torch.empty(s["B"], s["K"], s["H"], W, dtype=dt[dl], device="cuda", memory_format=fmt)
-        m.batch_moments(a, lg, wrap=wrap, **kw)
+        m.launch(a, lg, wrap=wrap, **kw)
     return [ln for ln in aot.dry_run(f"moments-{name}", body) if ln.kernel_name == "_moments_partial_kernel"]
 
 

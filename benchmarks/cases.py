@@ -94,11 +94,6 @@ def backend_env(value: Optional[str]) -> Iterator[None]:
             os.environ["DEBIAS_OPS_BACKEND"] = old
 
 
-def head_class():
-    """``debias_ops.DropClassHead`` if this checkout has it (issue 6), else None."""
-    return getattr(debias_ops, "DropClassHead", None)
-
-
 class Skip(Exception):
     """A case or implementation that cannot run here (reason in the message)."""
 
@@ -345,10 +340,7 @@ def make_case(op: str, shape: Shape, dtype: torch.dtype, mode: str, device, *, s
             "compile": (lambda: ref(logits, logits_drop, target, dropped, lam=LAM, alpha=ALPHA)) if ref else None,
         }
     elif op == "head":
-        cls = head_class()
-        if cls is None:
-            raise Skip("debias_ops.DropClassHead not in this checkout (issue 6): head step skipped")
-        head = cls(C, K).to(device=device, dtype=dtype).train()
+        head = debias_ops.DropClassHead(C, K).to(device=device, dtype=dtype).train()
         feats = torch.randn(B, C, H, W, device=device, dtype=dtype).requires_grad_()
         target = _target(shape, device)
         dropped = _dropped(B, K, device)

@@ -22,6 +22,8 @@ import os
 
 import torch
 
+from .kernels._env import interpreting  # no triton import (kernels/_env.py)
+
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "DEBIAS_OPS_BACKEND"
 
@@ -37,11 +39,6 @@ def backend() -> str:
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

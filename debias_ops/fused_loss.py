@@ -118,7 +118,7 @@ def _fwd_impl(logits: torch.Tensor, logits_drop: torch.Tensor, target: torch.Ten
     gx = _grad_buffer(logits, need_gx)
     gxd = _grad_buffer(logits_drop, need_gxd)
     from debias_ops.kernels import loss  # imports triton: only when a kernel runs
-    stats = loss.launch_dropclass_loss(
+    stats = loss.launch(
         logits, logits_drop, target, dropped, weight, lam, alpha, ignore_index,
         need_gx, need_gxd, gx, gxd, wrap=_library.wrap())
     return stats, gx, gxd

@@ -61,7 +61,7 @@ def _batch_moments_impl(feats: torch.Tensor, class_logits: torch.Tensor) -> Tupl
         a_mean, l_mean, G, X = _ref.batch_moments(feats, class_logits)
     else:
         from debias_ops.kernels import moments  # imports triton: only when a kernel runs
-        a_mean, l_mean, G, X = moments.batch_moments(feats, class_logits, wrap=_library.wrap())
+        a_mean, l_mean, G, X = moments.launch(feats, class_logits, wrap=_library.wrap())
     return a_mean, l_mean, G, X
 
 
@@ -82,7 +82,7 @@ def _gate_apply_impl(feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return _ref.apply_gate(feats, gate.float())
     out = _empty_like_format(feats.shape, feats.dtype, feats.device, _channels_last(feats))
     from debias_ops.kernels import gate as gate_kernels  # imports triton: only when a kernel runs
-    gate_kernels.launch_gate(feats, gate, out, wrap=_library.wrap())
+    gate_kernels.launch(feats, gate, out, wrap=_library.wrap())
     return out
 
 
@@ -106,7 +106,7 @@ def _gate_backward_impl(grad: torch.Tensor, gate: torch.Tensor, feats: torch.Ten
         return dA, dg
     dA = _empty_like_format(grad.shape, grad.dtype, grad.device, channels_last) if need_da else None
     from debias_ops.kernels import gate as gate_kernels  # imports triton: only when a kernel runs
-    partial = gate_kernels.launch_gate(grad, gate, dA, feats if need_dg else None, wrap=_library.wrap())
+    partial = gate_kernels.launch(grad, gate, dA, feats if need_dg else None, wrap=_library.wrap())
     dg = partial.sum(dim=0) if need_dg else gate.new_empty(0, dtype=torch.float32)
     return (dA if need_da else grad.new_empty(0)), dg
 

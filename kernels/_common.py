@@ -1,17 +1,105 @@
-"""Helpers shared by the kernels."""
+"""Helpers shared by the kernels: the device a launch plans for, small integer
+helpers, the output cast."""
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import re
+from dataclasses import dataclass
 
 import triton
 import triton.language as tl
 
+from ._env import interpreting
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+__all__ = ["Target", "INTERPRETER", "target", "assume_target", "fp32_dot_precision", "next_pow2",
+           "interpreting", "triton_minor", "INTERPRETED", "loop_bound", "to_output", "emulate_rtne_bf16"]
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- the device
+
+@dataclass(frozen=True)
+class Target:
+    """What the launch plans read of the device a kernel runs on.
+
+    backend: "cuda", "hip" (ROCm) or "interpreter"; arch: the compute capability
+    as an int (90 for sm_90) or the gfx name ("gfx942"); sms: streaming
+    multiprocessors (compute units on AMD); smem: the shared memory (LDS) one
+    program may use, in bytes (CUDA's opt-in maximum per block); warp_size:
+    threads per warp (wavefront).
+    """
+    backend: str
+    arch: object
+    sms: int
+    smem: int
+    warp_size: int = 32
+
+    @property
+    def name(self) -> str:
+        """"sm_90", "gfx942", "interpreter"."""
+        if self.backend == "cuda":
+            return f"sm_{self.arch}"
+        return str(self.arch) if self.backend == "hip" else self.backend
+
+
+INTERPRETER = Target("interpreter", 0, 1, 1 << 30)
+
+_ASSUMED: list = []  # innermost assume_target() last
+
+
+@contextlib.contextmanager
+def assume_target(t: Target):
+    """Plan every CUDA launch inside the block for ``t`` instead of the real device:
+    how offline compiles (benchmarks/aot.py) see what the launchers pick on a GPU
+    that is not there."""
+    _ASSUMED.append(t)
+    try:
+        yield t
+    finally:
+        _ASSUMED.pop()
+
+
+def target(device) -> Target:
+    """The Target of a tensor's device: INTERPRETER for a non-CUDA device or under
+    TRITON_INTERPRET=1, else the GPU's properties (or the assumed one)."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER
+    if _ASSUMED:
+        return _ASSUMED[-1]
+    import torch
+    return _device_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_target(index: int) -> Target:
+    import torch
+    p = torch.cuda.get_device_properties(index)
+    smem = int(getattr(p, "shared_memory_per_block_optin", 0) or p.shared_memory_per_block)
+    warp = int(getattr(p, "warp_size", 32) or 32)
+    if getattr(torch.version, "hip", None):
+        return Target("hip", str(p.gcnArchName).split(":")[0], p.multi_processor_count, smem, warp)
+    return Target("cuda", 10 * p.major + p.minor, p.multi_processor_count, smem, warp)
+
+
+@functools.lru_cache(maxsize=None)
+def fp32_dot_precision(t: Target) -> str:
+    """``input_precision`` of a float32 ``tl.dot`` that keeps ~fp32 accuracy on ``t``:
+    "tf32x3" (3 TF32 tensor-core products) where the NVIDIA backend accepts it
+    (Triton 3.6–3.9 do; also the interpreter's answer), else "ieee" (AMD: no tf32x3;
+    gfx942's fp32 MFMA runs "ieee" on the matrix cores)."""
+    if t.backend == "hip":
+        return "ieee"
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        allowed = tuple(x.lower() for x in CUDAOptions.allowed_dot_input_precisions)
+    except Exception:  # pragma: no cover - a Triton without the NVIDIA backend
+        allowed = ("ieee",)
+    return "tf32x3" if "tf32x3" in allowed else "ieee"
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,6 +137,24 @@ def sm90_config(key: str, version: tuple[int, int] | None = None):
     known = sorted(_SM90_CONFIG)
     near = known[0] if v <= known[0] else max(k for k in known if k <= v)
     return _SM90_CONFIG[near][key]
+
+
+# Under TRITON_INTERPRET=1 (the interpreter runs the kernels as Python), a constant
+# of the kernels' source: branches on it are removed when compiling for a GPU.
+INTERPRETED = tl.constexpr(interpreting())
+
+
+@triton.jit
+def loop_bound(x):
+    """``x`` as a ``range`` bound. Compiled for a GPU this is ``x`` itself (the branch
+    below is dropped). Under the interpreter it is a Python int: Triton 3.6's
+    interpreter holds a scalar as a 1-element numpy array and its ``range``
+    converts that with ``int()``, which numpy >= 2.4 refuses for arrays of rank > 0;
+    ``item()`` takes any size-1 array."""
+    if INTERPRETED:
+        return x.handle.data.item()
+    else:
+        return x
 
 
 @triton.jit

@@ -36,18 +36,18 @@ All offsets are int64 (tensors of more than 2^31 elements index correctly).
 
 Programs: a 1D grid over (b, channel block, position chunk); a program owns a
 BLOCK_C × chunk tile and walks its chunk in BLOCK_N steps. Tile shapes per
-layout are in :func:`gate_config` (see benchmarks/NOTES_selection.md).
+layout are in :func:`plan` (see benchmarks/NOTES_selection.md).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import emulate_rtne_bf16, to_output
+from ._common import INTERPRETER, Target, emulate_rtne_bf16, loop_bound, target, to_output
 
 LAYOUT_HW, LAYOUT_N, LAYOUT_C, LAYOUT_CN = 0, 1, 2, 3
 
@@ -104,7 +104,7 @@ def _gate_kernel(
     a_base = A + b * sab
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
     n0 = chunk.to(tl.int64) * blocks_per_chunk * BLOCK_N
-    for i in range(0, blocks_per_chunk):
+    for i in range(0, loop_bound(blocks_per_chunk)):
         n = (n0 + i * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64))[None, :]
         mask = cmask & (n < N)
         x = tl.load(x_base + _offsets(c, n, sxc, sxn, sxh, sxw, Wd, X_LAYOUT), mask=mask, other=0.0).to(tl.float32)
@@ -148,13 +148,16 @@ def _pow2_at_least(n, lo: int, hi: int) -> int:
     return p
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+class Plan(NamedTuple):
+    """Launch configuration of :func:`_gate_kernel`."""
+    block_c: int
+    block_n: int
+    num_warps: int
+    programs: int  # target number of programs (the position chunks are sized for it)
 
 
-def gate_config(C: int, N: int, layout: int, device: torch.device):
-    """(BLOCK_C, BLOCK_N, num_warps, target number of programs).
+def plan(C: int, N: int, layout: int, t: Target) -> Plan:
+    """The launch configuration for C channels × N positions in ``layout`` on ``t``.
 
     GPU tiles hold 4096 elements (16 per thread at 8 warps) with the unit-stride
     axis long: NCHW 16×256 (512 B rows in bf16), channels_last 128×32 (256 B
@@ -163,8 +166,8 @@ def gate_config(C: int, N: int, layout: int, device: torch.device):
     larger programs are cheapest; blocks stay small so tests still cover several
     channel blocks and position chunks.
     """
-    if device.type != "cuda":
-        return _pow2_at_least(C, 1, 32), 16, 1, 8
+    if t == INTERPRETER:
+        return Plan(_pow2_at_least(C, 1, 32), 16, 1, 8)
     if layout == LAYOUT_C:
         # widest channel block (longest contiguous run) whose padding wastes
         # at most 1/8 of the lanes: C 720 -> 128 (6.7 %), C 270 -> 32 (6.7 %)
@@ -180,11 +183,10 @@ def gate_config(C: int, N: int, layout: int, device: torch.device):
         bc, bn = 32, 64
     while bc * bn > 4096 and bn > 16:
         bn //= 2
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    return bc, bn, 8, 16 * _sm_count(idx)
+    return Plan(bc, bn, 8, 16 * t.sms)
 
 
-def launch_gate(x, gate, y=None, a=None, *, wrap=None, blocks_per_chunk=None):
+def launch(x, gate, y=None, a=None, *, wrap=None, blocks_per_chunk=None):
     """Launch :func:`_gate_kernel`.
 
     x: (B, C, H, W) feats (forward) or dOut (backward), any strides.
@@ -202,11 +204,11 @@ def launch_gate(x, gate, y=None, a=None, *, wrap=None, blocks_per_chunk=None):
     yl, syb, syc, syn, syh, syw = view_strides(y) if write_y else (LAYOUT_N, 0, 0, 0, 0, 0)
     al, sab, sac, san, sah, saw = view_strides(a) if with_dg else (LAYOUT_N, 0, 0, 0, 0, 0)
     # the layout used for tiling is the one of the tensor read or written in full
-    bc, bn, warps, target = gate_config(C, N, yl if write_y else al, x.device)
+    bc, bn, warps, programs = plan(C, N, yl if write_y else al, target(x.device))
     n_cblk = triton.cdiv(max(C, 1), bc)
     n_blocks = triton.cdiv(max(N, 1), bn)
     if blocks_per_chunk is None:
-        want = max(1, triton.cdiv(target, max(B * n_cblk, 1)))
+        want = max(1, triton.cdiv(programs, max(B * n_cblk, 1)))
         blocks_per_chunk = triton.cdiv(n_blocks, min(want, n_blocks))
     n_chunk = triton.cdiv(n_blocks, blocks_per_chunk)
     partial = None

@@ -53,14 +53,16 @@ fp32 per program, then reduced in a fixed order by one program.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import emulate_rtne_bf16, to_output
+from . import _common
+from ._common import INTERPRETER, Target, emulate_rtne_bf16, loop_bound, next_pow2, to_output
 
-__all__ = ["plan", "launch_dropclass_loss"]
+__all__ = ["Plan", "plan", "launch"]
 
 
 # ----------------------------------------------------------------------------- index helpers
@@ -244,7 +246,7 @@ def _loss_main_kernel(
     sup_acc = tl.zeros((CBP,), dtype=tl.float32)
     y_beg = _first_dst(i_first, scale_h, inv_scale_h, h, H)
 
-    for i in range(i_first, i_e):
+    for i in range(loop_bound(i_first), loop_bound(i_e)):
         i1 = tl.minimum(i + 1, h - 1)
         bot = _hrow(x_ptr, b * sxb + tl.cast(i1, tl.int64) * sxh, kx, ox0, ox1, mu, m2, km)
         acc = carry
@@ -252,7 +254,7 @@ def _loss_main_kernel(
         y_end = _first_dst(i + 1, scale_h, inv_scale_h, h, H)
         own = (own_x & ((X * 0 + i) >= i_s)).to(tl.float32)
         same = i1 == i
-        for Y in range(y_beg, y_end):
+        for Y in range(loop_bound(y_beg), loop_bound(y_end)):
             # weight λ of row i1 (0 when i1 = i: then row i takes all of it)
             lmb = tl.minimum(tl.maximum(_src_coord(Y, scale_h) - tl.cast(i, tl.float32), 0.0), 1.0)
             lmb = tl.where(same, 0.0, lmb)
@@ -318,7 +320,7 @@ def _loss_final_kernel(part0_ptr, part1_ptr, den_ptr, out_ptr, n_part, h, w, lam
     acc0 = tl.zeros((BLOCK,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, n_part, BLOCK):
+    for start in range(0, loop_bound(n_part), BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < n_part
         acc0 += tl.load(part0_ptr + offs * 2, mask=m, other=0.0)
@@ -339,34 +341,43 @@ def _loss_final_kernel(part0_ptr, part1_ptr, den_ptr, out_ptr, n_part, h, w, lam
 
 # ----------------------------------------------------------------------------- launch
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-# Tests may set entries here (monkeypatch) to force block sizes: keys of ``plan``'s result.
+# Tests may set entries here (monkeypatch) to force block sizes: fields of ``Plan``
+# (and IDX64: force int64 offsets).
 PLAN_OVERRIDE: dict = {}
 
 
-def plan(K: int, h: int, w: int, H: int, W: int, interpret: bool = False) -> dict:
-    """Block sizes of the main kernel (host-side, from shapes only).
+class Plan(NamedTuple):
+    """Launch configuration of the main kernel."""
+    KP: int                  # classes, padded to a power of two
+    BX: int                  # hi-res column lanes
+    CB: int                  # low-res columns per program
+    CBP: int                 # CB padded to a power of two
+    RB: int                  # low-res rows per program
+    num_warps: int
+    maxnreg: Optional[int]   # register cap (NVIDIA only; None: ptxas chooses)
+
+
+def plan(K: int, h: int, w: int, H: int, W: int, t: Target) -> Plan:
+    """Block sizes of the main kernel on ``t`` (host-side, from shapes only).
 
     BX hi-res column lanes must hold every X with j0 in [j_s − 1, j_s + CB):
     at most (CB + 1)·W/w + 2 of them, so CB = floor((BX − 4)·w/W − 0.5) − 1.
     Under the interpreter the blocks are small so that tiny test shapes still
     span several row and column blocks (their borders are the tricky part).
     """
-    KP = max(16, _next_pow2(K))
+    interpret = t == INTERPRETER
+    KP = max(16, next_pow2(K))
     sx = w / W
     if interpret:
         BX = 16
     else:
         BX = 64 if KP <= 32 else (32 if KP <= 64 else 16)
-    BX = max(BX, _next_pow2(math.ceil(4.0 / sx) + 5))
+    BX = max(BX, next_pow2(math.ceil(4.0 / sx) + 5))
     if "BX" in PLAN_OVERRIDE:
-        BX = max(PLAN_OVERRIDE["BX"], _next_pow2(math.ceil(4.0 / sx) + 5))
+        BX = max(PLAN_OVERRIDE["BX"], next_pow2(math.ceil(4.0 / sx) + 5))
     CB = int(math.floor((BX - 4) * sx - 0.5)) - 1
     CB = max(1, min(CB, 3 if interpret else 64, w, PLAN_OVERRIDE.get("CB", 64)))
-    CBP = max(16, _next_pow2(CB))
+    CBP = max(16, next_pow2(CB))
     RB = PLAN_OVERRIDE.get("RB", 3 if interpret else 8)
     RB = max(1, min(RB, h))
     # 4 fp32 (KP, BX) tiles live across the row loop (top, bot, acc, carry). At 8 warps
@@ -378,8 +389,8 @@ def plan(K: int, h: int, w: int, H: int, W: int, interpret: bool = False) -> dic
     # below is then the most a 16-warp program can have anyway).
     num_warps = PLAN_OVERRIDE.get("num_warps", 4 if BX * KP <= 1024 else (16 if BX * KP <= 2048 else 8))
     # (large K: tiles this big spill anyway, let ptxas choose)
-    maxnreg = PLAN_OVERRIDE.get("maxnreg", 128 if BX * KP <= 2048 else None)
-    return dict(KP=KP, BX=BX, CB=CB, CBP=CBP, RB=RB, num_warps=num_warps, maxnreg=maxnreg)
+    maxnreg = PLAN_OVERRIDE.get("maxnreg", 128 if BX * KP <= 2048 and t.backend == "cuda" else None)
+    return Plan(KP=KP, BX=BX, CB=CB, CBP=CBP, RB=RB, num_warps=num_warps, maxnreg=maxnreg)
 
 
 def _traced(wrap) -> bool:
@@ -399,8 +410,8 @@ def _needs_int64(*tensors) -> bool:
     return span + 64 >= 2 ** 31
 
 
-def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: float, alpha: float,
-                          ignore_index: int, need_gx: bool, need_gxd: bool, gx, gxd, wrap=None):
+def launch(logits, logits_drop, target, dropped, weight, lam: float, alpha: float,
+           ignore_index: int, need_gx: bool, need_gxd: bool, gx, gxd, wrap=None):
     """Run the three passes; returns stats (4,) fp32 = (loss, CE, CE', sup).
 
     ``gx`` / ``gxd``: preallocated gradient outputs (any strides; ignored when the
@@ -410,8 +421,9 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
     B, K, h, w = logits.shape
     H, W = target.shape[1:]
     dev = logits.device
-    interpret = dev.type == "cpu"
-    P = plan(K, h, w, H, W, interpret=interpret)
+    t = _common.target(dev)
+    interpret = t == INTERPRETER
+    P = plan(K, h, w, H, W, t)
     W_ = (lambda k: k) if wrap is None else wrap
     drop_u8 = dropped.view(torch.uint8) if dropped.dtype == torch.bool else dropped
     wc = weight if weight is not None else logits  # dummy pointer when absent
@@ -426,34 +438,34 @@ def launch_dropclass_loss(logits, logits_drop, target, dropped, weight, lam: flo
             target, drop_u8, wc, den_part, K, H, W, n_tiles,
             target.stride(0), target.stride(1), target.stride(2),
             drop_u8.stride(0), drop_u8.stride(1), swc, ignore_index,
-            HAS_WEIGHT=weight is not None, BLOCK=BLOCK, KP=P["KP"],
+            HAS_WEIGHT=weight is not None, BLOCK=BLOCK, KP=P.KP,
         )
     den = den_part.sum(dim=0)
 
     # pass 2: loss partials and gradients, one launch per branch (halves the live
     # registers of a program; the second launch finds most labels in L2)
-    n_pc = triton.cdiv(w, P["CB"])
-    n_pr = triton.cdiv(h, P["RB"])
+    n_pc = triton.cdiv(w, P.CB)
+    n_pr = triton.cdiv(h, P.RB)
     n_part = B * n_pr * n_pc
     alloc = torch.empty if n_part > 0 else torch.zeros  # every program writes its row
     parts = [alloc((max(n_part, 1), 2), dtype=torch.float32, device=dev) for _ in range(2)]
     extra = {}
-    if dev.type == "cuda" and P["maxnreg"] is not None and not _traced(wrap):
-        extra["maxnreg"] = P["maxnreg"]  # not a launch option wrap_triton forwards when traced
+    if P.maxnreg is not None and not _traced(wrap):
+        extra["maxnreg"] = P.maxnreg  # not a launch option wrap_triton forwards when traced
     if n_part > 0:
         for branch, x, g, need, coef in ((0, logits, gx, need_gx, lam), (1, logits_drop, gxd, need_gxd, 1.0 - lam)):
             g_ = g if need else x
             W_(_loss_main_kernel)[(n_pc, n_pr, B)](
                 x, target, drop_u8, wc, den, g_, parts[branch],
-                K, h, w, H, W, P["CB"], P["RB"],
+                K, h, w, H, W, P.CB, P.RB,
                 *x.stride(), *target.stride(), *g_.stride(),
                 drop_u8.stride(0), drop_u8.stride(1), swc,
                 float(h) / H, float(H) / h, float(w) / W, float(W) / w,
                 float(coef), float(alpha), int(ignore_index),
                 BRANCH=branch, HAS_WEIGHT=weight is not None, NEED_G=bool(need),
-                KP=P["KP"], BX=P["BX"], CBP=P["CBP"], IDX64=bool(PLAN_OVERRIDE.get("IDX64")) or _needs_int64(x, target, g_),
+                KP=P.KP, BX=P.BX, CBP=P.CBP, IDX64=bool(PLAN_OVERRIDE.get("IDX64")) or _needs_int64(x, target, g_),
                 RTNE_BF16=bool(need) and emulate_rtne_bf16(g_.dtype),
-                num_warps=P["num_warps"], **extra,
+                num_warps=P.num_warps, **extra,
             )
 
     # pass 3: totals

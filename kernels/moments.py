@@ -1,6 +1,6 @@
 """Batch moments of design §2 (means, C×C Gram, K×C cross term) in one reduction pass.
 
-``batch_moments(feats, class_logits) -> (a_mean (C,), l_mean (K,), G (C, C), X (K, C))``,
+``launch(feats, class_logits) -> (a_mean (C,), l_mean (K,), G (C, C), X (K, C))``,
 all float32, the contract of ``debias_ops.reference.batch_moments``:
 
     M      = B·N positions (N = H·W), A viewed as (C, M), L as (K, M)
@@ -96,36 +96,15 @@ widened to fp32 first (exact), so CI checks the same math.
 """
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting as _interpreting
-from ._common import sm90_config
+from ._common import INTERPRETER, Target, fp32_dot_precision, loop_bound, next_pow2, sm90_config, target
 
 # ----------------------------------------------------------------------------- helpers
-
-@functools.lru_cache(maxsize=None)
-def default_fp32_precision() -> str:
-    """"tf32x3" where this Triton's NVIDIA backend accepts it (3.6–3.9 do), else "ieee"."""
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-        allowed = tuple(x.lower() for x in CUDAOptions.allowed_dot_input_precisions)
-    except Exception:  # pragma: no cover - other backends / layouts of triton
-        allowed = ("ieee",)
-    return "tf32x3" if "tf32x3" in allowed else "ieee"
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
 
 def _pick_block_c(C: int) -> int:
     """GPU default BLOCK_C: 128 (twice the operand reuse of 64: 64 vs 32
@@ -135,7 +114,7 @@ def _pick_block_c(C: int) -> int:
         nb = triton.cdiv(C, bc)
         return nb * (nb + 1) // 2 * bc * bc
     bc = 128 if area(128) <= 1.25 * area(64) else 64
-    return min(bc, max(16, _next_pow2(C)))
+    return min(bc, max(16, next_pow2(C)))
 
 
 def _pick_splits(n_tiles: int, q_total: int, sms: int) -> int:
@@ -368,7 +347,7 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
         sr = tl.zeros((BR,), dtype=tl.float32)
         sc = tl.zeros((BCOL,), dtype=tl.float32)
     # full blocks: no position mask
-    for q in range(q_lo, q_hi):
+    for q in range(loop_bound(q_lo), loop_bound(q_hi)):
         b = q // NBF
         n = (q - b * NBF) * BN + nn
         x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nn, R_CH, Wd, 0, R_MERGED, R_MASK, False)
@@ -381,7 +360,7 @@ def _tile_accumulate(r_ptr, r_sb, r_sc, r_sh, r_sw, R_CH, r0, r_shift,
         # the last, partial position block of each image in [t_lo, t_hi)
         n = NBF * BN + nn
         nmask = n < N
-        for b in range(t_lo, t_hi):
+        for b in range(loop_bound(t_lo), loop_bound(t_hi)):
             x = _load_tile(r_ptr, r_sb, r_sc, r_sh, r_sw, b, rch, n, nmask, R_CH, Wd, 0, R_MERGED, R_MASK, True)
             y = _load_tile(c_ptr, c_sb, c_sc, c_sh, c_sw, b, cch, n, nmask, C_CH, Wd, 1, C_MERGED, C_MASK, True)
             acc, sum_r, sum_c, pend_r, pend_c, pend_n = _block_step(
@@ -518,7 +497,7 @@ def _moments_partial_kernel(
 def _sum_partials(ptr, P, stride_p, offs):
     """Σ_p ptr[p·stride_p + offs] in float64, p = 0, 1, … in order (deterministic)."""
     tot = tl.zeros(offs.shape, dtype=tl.float64)
-    for p in range(0, P):
+    for p in range(0, loop_bound(P)):
         tot += tl.load(ptr + tl.cast(p, tl.int64) * stride_p + offs).to(tl.float64)
     return tot
 
@@ -598,28 +577,120 @@ def _moments_reduce_kernel(
             tl.store(x_ptr + xk2.to(tl.int64) * C + xc2, xv, mask=(xc2 < C) & (xk2 < K))
 
 
-# ----------------------------------------------------------------------------- launcher
+# ----------------------------------------------------------------------------- plan and launch
 
 _SIXTEEN = (torch.float16, torch.bfloat16)
 
 
-def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
-                  block_c: int | None = None, block_n: int | None = None, splits: int | None = None,
-                  fp32_precision: str | None = None, num_warps: int | None = None,
-                  num_stages: int | None = None, recenter_every: int | None = None, wrap=None,
-                  sum_by_dot: bool | None = None):
+@dataclass(frozen=True)
+class Plan:
+    """Launch configuration of the three moments kernels (see :func:`plan`)."""
+    block_c: int
+    block_k: int
+    block_n: int
+    splits: int                  # P, position ranges
+    num_warps: int | None        # partial kernel (None: Triton's default)
+    num_stages: int | None
+    fp32_precision: str          # PREC of mode 2
+    recenter_every: int          # R of mode 1 (0: mode 0)
+    g_mode: int
+    x_mode: int
+    sum_by_dot: bool
+    dot_f32: bool                # interpreter: bf16 dots widened to fp32
+    block_s: int                 # shift kernel
+    reduce_rows: int             # reduce kernel
+    reduce_warps: int | None
+
+    def counts(self, C: int, K: int) -> tuple[int, int, int, int]:
+        """(channel blocks, logit blocks, Gram tiles, all tiles) for C channels and K logits."""
+        n_cb = triton.cdiv(C, self.block_c)
+        n_kb = triton.cdiv(K, self.block_k)
+        n_gt = n_cb * (n_cb + 1) // 2
+        return n_cb, n_kb, n_gt, n_gt + n_cb * n_kb
+
+
+def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype: torch.dtype,
+         channels_last: bool, t: Target, *, block_c: int | None = None, block_n: int | None = None,
+         splits: int | None = None, fp32_precision: str | None = None, num_warps: int | None = None,
+         num_stages: int | None = None, recenter_every: int | None = None,
+         sum_by_dot: bool | None = None) -> Plan:
+    """The launch configuration for B images of N positions, C feature channels
+    and K logits on ``t`` (B·N > 0); ``channels_last``: the channels of ``feats``
+    are its contiguous axis. Keyword arguments force a choice (tuning knobs; see
+    :func:`launch`). Defaults: GPU heuristics, small blocks under the interpreter.
+    """
+    interp = t == INTERPRETER
+    sixteen = feats_dtype in _SIXTEEN
+    if block_c is None:
+        if interp:
+            block_c = min(32, max(16, next_pow2(C)))
+        else:
+            block_c = _pick_block_c(C)
+            if channels_last and sixteen:
+                # 128 spills on some Tritons (3.6, 3.8): kernels/_common.py:_SM90_CONFIG
+                block_c = min(block_c, sm90_config("moments_cl16_block_c"))
+    if block_n is None:
+        if interp:
+            block_n = 16
+        elif sixteen and not channels_last:
+            # BLOCK_C 64: the BLOCK_N without wgmma serialisation (C7515) depends on the Triton
+            block_n = sm90_config("moments_nchw16_bc64_block_n") if block_c == 64 else 64
+        else:
+            block_n = 32
+    block_k = max(16, min(128 if not interp else 32, next_pow2(K)))
+    if fp32_precision is None:
+        fp32_precision = fp32_dot_precision(t)
+    if recenter_every is None:
+        recenter_every = 4
+    raw = 1 if recenter_every > 0 else 0
+    g_mode = raw if sixteen else 2
+    x_mode = raw if (sixteen and logits_dtype == feats_dtype) else 2
+
+    n_cb = triton.cdiv(C, block_c)
+    n_kb = triton.cdiv(K, block_k)
+    n_gt = n_cb * (n_cb + 1) // 2
+    n_tiles = n_gt + n_cb * n_kb
+    n_blocks = B * triton.cdiv(N, block_n)
+    if splits is None:
+        splits = 2 if interp else _pick_splits(n_tiles, n_blocks, t.sms)
+    splits = max(1, min(int(splits), n_blocks))
+
+    if num_warps is None and not interp:
+        num_warps = 8 if block_c >= 128 else 4
+    if num_stages is None and not interp:
+        # shared memory per the sm_90 AOT compile (benchmarks/aot_moments.py,
+        # no GPU here; limit 227 KiB): NCHW 3 stages: bf16 BLOCK_N 64 64 KiB,
+        # fp32 BLOCK_N 32 128 KiB; channels_last: bf16 BLOCK_N 64 2 stages
+        # 256 KiB (would not launch), BLOCK_N 32 3 stages 192 KiB; fp32
+        # BLOCK_N 32 3 stages 256 KiB, 2 stages 160 KiB.
+        num_stages = 2 if (channels_last and feats_dtype == torch.float32) else 3
+    return Plan(
+        block_c=block_c, block_k=block_k, block_n=block_n, splits=splits,
+        num_warps=num_warps, num_stages=num_stages, fp32_precision=fp32_precision,
+        recenter_every=int(recenter_every), g_mode=g_mode, x_mode=x_mode,
+        sum_by_dot=bool(sum_by_dot if sum_by_dot is not None else channels_last),
+        dot_f32=bool(interp and feats_dtype == torch.bfloat16),
+        block_s=16 if interp else 64,
+        # ROWS (register tiling only; same sums): 32 for 128-wide tiles with BLOCK_K <= 64, else 16
+        # (sm_90 ptxas: BLOCK_C 64 with ROWS 32 spills 12 B at 8 warps, ROWS 16 does not)
+        reduce_rows=16 if (interp or block_c < 128 or block_k > 64) else 32,
+        reduce_warps=None if interp else 8,  # 4 warps spill (float64 tile; sm_90 AOT)
+    )
+
+
+def launch(feats: torch.Tensor, class_logits: torch.Tensor, *, wrap=None, **knobs):
     """(Ā (C,), L̄ (K,), G (C, C), X (K, C)) float32 of design §2 (see module doc).
 
     ``feats`` (B, C, H, W) and ``class_logits`` (B, K, H, W) (also (B, C, N)
     or (B, C)) in float32/float16/bfloat16, any strides, dtypes may differ.
-    The keyword arguments are tuning knobs (defaults: GPU heuristics, small
-    blocks under the interpreter); ``splits`` is P, the number of position
-    ranges; ``recenter_every`` is R of the 16-bit mode (0: mode 0). ``wrap``
-    is applied to every kernel before launch: pass ``torch.library.wrap_triton``
-    inside a ``torch.library.triton_op`` body so torch.compile traces the
-    launches. Inputs are assumed validated (``debias_ops.validation``).
+    ``knobs`` are :func:`plan`'s keyword arguments (tuning; ``splits`` is P,
+    the number of position ranges; ``recenter_every`` is R of the 16-bit mode,
+    0: mode 0). ``wrap`` is applied to every kernel before launch: pass
+    ``torch.library.wrap_triton`` inside a ``torch.library.triton_op`` body so
+    torch.compile traces the launches. Inputs are assumed validated
+    (``debias_ops.validation``).
     """
-    launch = wrap if wrap is not None else (lambda kernel: kernel)
+    run = wrap if wrap is not None else (lambda kernel: kernel)
     B, C = feats.shape[:2]
     K = class_logits.shape[1]
     dev = feats.device
@@ -631,49 +702,13 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     if M == 0:
         return (torch.zeros(C, dtype=f32, device=dev), torch.zeros(K, dtype=f32, device=dev),
                 torch.zeros(C, C, dtype=f32, device=dev), torch.zeros(K, C, dtype=f32, device=dev))
-    interp = _interpreting() or dev.type != "cuda"
     chan_contig = feats.stride(1) == 1 and C > 1  # channels_last-like
-    sixteen = feats.dtype in _SIXTEEN
-    if block_c is None:
-        if interp:
-            block_c = min(32, max(16, _next_pow2(C)))
-        else:
-            block_c = _pick_block_c(C)
-            if chan_contig and sixteen:
-                # 128 spills on some Tritons (3.6, 3.8): kernels/_common.py:_SM90_CONFIG
-                block_c = min(block_c, sm90_config("moments_cl16_block_c"))
-    if block_n is None:
-        if interp:
-            block_n = 16
-        elif sixteen and not chan_contig:
-            # BLOCK_C 64: the BLOCK_N without wgmma serialisation (C7515) depends on the Triton
-            block_n = sm90_config("moments_nchw16_bc64_block_n") if block_c == 64 else 64
-        else:
-            block_n = 32
-    block_k = max(16, min(128 if not interp else 32, _next_pow2(K)))
-    if fp32_precision is None:
-        fp32_precision = default_fp32_precision()
-    if recenter_every is None:
-        recenter_every = 4
-    raw = 1 if recenter_every > 0 else 0
-    g_mode = raw if feats.dtype in _SIXTEEN else 2
-    x_mode = raw if (feats.dtype in _SIXTEEN and class_logits.dtype == feats.dtype) else 2
-
-    n_cb = triton.cdiv(C, block_c)
-    n_kb = triton.cdiv(K, block_k)
-    n_gt = n_cb * (n_cb + 1) // 2
-    n_tiles = n_gt + n_cb * n_kb
+    P = plan(B, C, K, N, feats.dtype, class_logits.dtype, chan_contig, target(dev), **knobs)
+    block_c, block_k, block_n, splits = P.block_c, P.block_k, P.block_n, P.splits
+    n_cb, n_kb, n_gt, n_tiles = P.counts(C, K)
     nbf = N // block_n                  # full position blocks per image
     has_tail = N % block_n != 0         # plus one partial block per image
     q_total = B * nbf
-    n_blocks = B * triton.cdiv(N, block_n)
-    if splits is None:
-        if interp:
-            splits = 2
-        else:
-            sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
-            splits = _pick_splits(n_tiles, n_blocks, sms)
-    splits = max(1, min(int(splits), n_blocks))
     q_per = triton.cdiv(q_total, splits)   # full blocks per program (may be 0)
     t_per = triton.cdiv(B, splits)         # partial blocks (images) per program
 
@@ -693,48 +728,40 @@ def batch_moments(feats: torch.Tensor, class_logits: torch.Tensor, *,
     sa = torch.empty(splits * n_cb * block_c, dtype=f32, device=dev)
     sl = torch.empty(splits * n_kb * block_k, dtype=f32, device=dev)
     shift = torch.empty(C + K, dtype=f32, device=dev)
-    block_s = 16 if interp else 64
-    launch(_shift_kernel)[(triton.cdiv(C, block_s) + triton.cdiv(K, block_s),)](
+    block_s = P.block_s
+    run(_shift_kernel)[(triton.cdiv(C, block_s) + triton.cdiv(K, block_s),)](
         feats, class_logits, shift, C, K, N, Wd,
         feats.stride(1), a_sh, a_sw, class_logits.stride(1), l_sh, l_sw,
         BLOCK_S=block_s, A_MERGED=a_merged, L_MERGED=l_merged,
     )
     opts = {}
-    if num_warps is not None or not interp:
-        opts["num_warps"] = num_warps or (8 if block_c >= 128 else 4)
-    if num_stages is not None or not interp:
-        # shared memory per the sm_90 AOT compile (benchmarks/aot_moments.py,
-        # no GPU here; limit 227 KiB): NCHW 3 stages: bf16 BLOCK_N 64 64 KiB,
-        # fp32 BLOCK_N 32 128 KiB; channels_last: bf16 BLOCK_N 64 2 stages
-        # 256 KiB (would not launch), BLOCK_N 32 3 stages 192 KiB; fp32
-        # BLOCK_N 32 3 stages 256 KiB, 2 stages 160 KiB.
-        opts["num_stages"] = num_stages or (2 if (chan_contig and feats.dtype == torch.float32) else 3)
-    launch(_moments_partial_kernel)[(n_tiles, splits)](
+    if P.num_warps is not None:
+        opts["num_warps"] = P.num_warps
+    if P.num_stages is not None:
+        opts["num_stages"] = P.num_stages
+    run(_moments_partial_kernel)[(n_tiles, splits)](
         feats, class_logits, gpart, xpart, sa, sl, shift,
         C, K, N, Wd, nbf, q_total, q_per, B, t_per,
         feats.stride(0), feats.stride(1), a_sh, a_sw,
         class_logits.stride(0), class_logits.stride(1), l_sh, l_sw,
         n_cb, n_gt, n_kb, C // block_c,
         BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n,
-        G_MODE=g_mode, X_MODE=x_mode, CORR=max(1, int(recenter_every)), PREC=fp32_precision,
-        DOT_F32=bool(_interpreting() and feats.dtype == torch.bfloat16),
-        A_MERGED=a_merged, L_MERGED=l_merged,
-        SPLIT_FULL=bool(feats.stride(1) == 1 and C > 1 and C % block_c != 0), HAS_TAIL=has_tail,
-        SUM_DOT=bool(sum_by_dot if sum_by_dot is not None else chan_contig), **opts,
+        G_MODE=P.g_mode, X_MODE=P.x_mode, CORR=max(1, P.recenter_every), PREC=P.fp32_precision,
+        DOT_F32=P.dot_f32, A_MERGED=a_merged, L_MERGED=l_merged,
+        SPLIT_FULL=bool(chan_contig and C % block_c != 0), HAS_TAIL=has_tail,
+        SUM_DOT=P.sum_by_dot, **opts,
     )
     a_mean = torch.empty(C, dtype=f32, device=dev)
     l_mean = torch.empty(K, dtype=f32, device=dev)
     G = torch.empty(C, C, dtype=f32, device=dev)
     X = torch.empty(K, C, dtype=f32, device=dev)
-    launch(_moments_reduce_kernel)[(n_tiles,)](
+    run(_moments_reduce_kernel)[(n_tiles,)](
         gpart, xpart, sa, sl, shift,
         a_mean, l_mean, G, X,
         splits, C, K, M,
         n_cb, n_gt, n_kb,
-        # ROWS (register tiling only; same sums): 32 for 128-wide tiles with BLOCK_K <= 64, else 16
-        # (sm_90 ptxas: BLOCK_C 64 with ROWS 32 spills 12 B at 8 warps, ROWS 16 does not)
-        BLOCK_C=block_c, BLOCK_K=block_k, ROWS=16 if (interp or block_c < 128 or block_k > 64) else 32,
-        G_SHIFT=g_mode > 0, X_SHIFT=x_mode > 0,
-        **({} if interp else {"num_warps": 8}),  # 4 warps spill (float64 tile; sm_90 AOT)
+        BLOCK_C=block_c, BLOCK_K=block_k, ROWS=P.reduce_rows,
+        G_SHIFT=P.g_mode > 0, X_SHIFT=P.x_mode > 0,
+        **({} if P.reduce_warps is None else {"num_warps": P.reduce_warps}),
     )
     return a_mean, l_mean, G, X

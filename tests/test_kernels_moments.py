@@ -69,7 +69,7 @@ def test_moments_shapes_dtypes(shape, dtypes):
     dev = kernel_device()
     mm = _moments_module()
     a, l = _inputs(*shape, *dtypes, dev)
-    _check(mm.batch_moments(a, l), _expected(a, l))
+    _check(mm.launch(a, l), _expected(a, l))
 
 
 @pytest.mark.parametrize("a_layout", ["contiguous", "channels_last", "strided"])
@@ -81,7 +81,7 @@ def test_moments_layouts(a_layout, l_layout, dtypes):
     a, l = _inputs(2, 19, 4, 5, 6, *dtypes, dev)
     a_l, l_l = make_layout(a, a_layout), make_layout(l, l_layout)
     a0, l0 = a_l.clone(), l_l.clone()
-    _check(mm.batch_moments(a_l, l_l), _expected(a, l))
+    _check(mm.launch(a_l, l_l), _expected(a, l))
     assert torch.equal(a_l, a0) and torch.equal(l_l, l0), "inputs were modified"
 
 
@@ -92,9 +92,9 @@ def test_moments_unmergeable_spatial_view():
     a, l = _inputs(2, 9, 3, 5, 8, F32, BF16, dev)
     a_c, l_c = a[:, :, 1:, :5], l[:, :, 1:, :5]
     assert a_c.stride(2) != a_c.shape[3] * a_c.stride(3)
-    _check(mm.batch_moments(a_c, l_c), _expected(a_c, l_c))
+    _check(mm.launch(a_c, l_c), _expected(a_c, l_c))
     a_cl = a.contiguous(memory_format=torch.channels_last)[:, :, :4, 2:7]
-    _check(mm.batch_moments(a_cl, l[:, :, :4, 2:7]), _expected(a_cl, l[:, :, :4, 2:7]))
+    _check(mm.launch(a_cl, l[:, :, :4, 2:7]), _expected(a_cl, l[:, :, :4, 2:7]))
 
 
 @pytest.mark.parametrize("kw", [
@@ -112,7 +112,7 @@ def test_moments_tilings(kw, dtypes, layout):
     mm = _moments_module()
     a, l = _inputs(3, 37, 37, 5, 7, *dtypes, dev)  # K = 37: two class blocks of the cross term
     a, l = make_layout(a, layout), make_layout(l, layout)
-    out = mm.batch_moments(a, l, **kw)
+    out = mm.launch(a, l, **kw)
     _check(out, _expected(a, l), f" {kw}")
     G = out[2]
     assert torch.equal(G, G.T), "G must be exactly symmetric"
@@ -123,7 +123,7 @@ def test_moments_empty_batch(dtypes):
     dev = kernel_device()
     mm = _moments_module()
     a, l = _inputs(0, 5, 3, 4, 4, *dtypes, dev)
-    out = mm.batch_moments(a, l)
+    out = mm.launch(a, l)
     for o, shp in zip(out, [(5,), (3,), (5, 5), (3, 5)]):
         assert o.shape == shp and o.dtype == torch.float32 and not bool(o.any())
 
@@ -133,8 +133,8 @@ def test_moments_deterministic(dtypes):
     dev = kernel_device()
     mm = _moments_module()
     a, l = _inputs(3, 21, 5, 6, 7, *dtypes, dev)
-    first = mm.batch_moments(a, l, block_c=16, splits=5)
-    again = mm.batch_moments(a, l, block_c=16, splits=5)
+    first = mm.launch(a, l, block_c=16, splits=5)
+    again = mm.launch(a, l, block_c=16, splits=5)
     for x, y in zip(first, again):
         assert torch.equal(x, y), "two runs differ: the reduction is not deterministic"
 
@@ -173,7 +173,7 @@ def test_moments_large_mean(dtype):
     w = torch.randn(K, C)
     l = (torch.einsum("kc,bchw->bkhw", w, a.float()) + 0.1 * torch.randn(B, K, H, W)).to(dtype)
     a, l = a.to(dev), l.to(dev)
-    _, _, G, X = mm.batch_moments(a, l)
+    _, _, G, X = mm.launch(a, l)
     _, _, Ge, Xe = _expected(a, l)
     tol = LARGE_MEAN_TOL[dtype]
     err_g, err_x = _rel(G, Ge), _rel(X, Xe)
@@ -209,12 +209,12 @@ def test_moments_gpu_full_size(shape, dtype, data):
     l = torch.einsum("kc,bchw->bkhw", w, a) + torch.randn(B, K, H, W, device=dev, generator=g)
     a, l = a.to(dtype), l.to(dtype)
     del z
-    out = mm.batch_moments(a, l)
+    out = mm.launch(a, l)
     exp = _expected(a, l)
     for o, e, n in zip(out, exp, ("a_mean", "l_mean", "G", "X")):
         err = _rel(o, e)
         assert err < 2e-5, f"{n}: relative error {err:.2e}"
-    out2 = mm.batch_moments(a, l)
+    out2 = mm.launch(a, l)
     for x, y in zip(out, out2):
         assert torch.equal(x, y)
 
@@ -228,7 +228,7 @@ def test_moments_wrap_triton():
     if wrap_triton is None:
         pytest.skip("torch.library.wrap_triton needs torch >= 2.6")
     a, l = _inputs(2, 9, 3, 4, 5, BF16, F32, dev)
-    _check(mm.batch_moments(a, l, wrap=wrap_triton), _expected(a, l))
+    _check(mm.launch(a, l, wrap=wrap_triton), _expected(a, l))
 
 
 @pytest.mark.gpu
@@ -249,5 +249,5 @@ def test_moments_gpu_int64_offsets():
     a.copy_(torch.randn(B, C, H, W, device=dev).to(BF16) + 2.0)
     l = torch.randn(B, K, H, W, device=dev)
     exp = _expected(a, l)
-    _check(mm.batch_moments(a, l), exp)
+    _check(mm.launch(a, l), exp)
     del store_a
