@@ -9,6 +9,8 @@ Run on CPU under the interpreter:
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -228,7 +230,14 @@ def test_moments_wrap_triton():
     if wrap_triton is None:
         pytest.skip("torch.library.wrap_triton needs torch >= 2.6")
     a, l = _inputs(2, 9, 3, 4, 5, BF16, F32, dev)
-    _check(mm.launch(a, l, wrap=wrap_triton), _expected(a, l))
+    try:
+        out = mm.launch(a, l, wrap=wrap_triton)
+    except RuntimeError as e:  # torch 2.11's wrap_triton takes only triton.jit / autotune objects
+        if os.environ.get("TRITON_INTERPRET") != "1" or "only works on functions annotated" not in str(e):
+            raise
+        pytest.skip(f"torch {torch.__version__}: wrap_triton rejects the Triton interpreter's kernel objects "
+                    "(the library launches them unwrapped under the interpreter)")
+    _check(out, _expected(a, l))
 
 
 @pytest.mark.gpu
