@@ -258,8 +258,10 @@ def plot_context(logs: Sequence[Dict], labels: Sequence[str], run_dirs: Sequence
             rows = [rows[c] for c in keep]
             x = np.arange(len(rows))
             for i, (view, name) in enumerate(zip(VIEWS, ("all images", "conflicting images", "conflicting pixels"))):
-                ax.bar(x - 0.4 + 0.8 / 3 * (i + 0.5), 100 * np.nan_to_num(_values(rows, f"iou_{view}")), 0.8 / 3,
-                       label=name, color=("#4c72b0", "#dd8452", "#c44e52")[i])
+                v = 100 * _values(rows, f"iou_{view}")
+                bars = ax.bar(x - 0.4 + 0.8 / 3 * (i + 0.5), np.nan_to_num(v), 0.8 / 3, label=name,
+                              color=("#4c72b0", "#dd8452", "#c44e52")[i])
+                ax.bar_label(bars, labels=["n/a" if np.isnan(u) else f"{u:.1f}" for u in v], fontsize=6)
             gaps = [_nanmean(_values(rows, f"gap_{v}")) for v in ("images", "pixels")]
             ax.set_title(f"{label}\nmean gap: images {100 * gaps[0]:.1f}, pixels {100 * gaps[1]:.1f} points",
                          fontsize=9)
