@@ -16,6 +16,8 @@ Modules, top-down:
   checkpoints and logs;
 * :mod:`~debias_ops.recipe.data`: Cityscapes (torchvision's reader), transforms,
   resumable loaders;
+* :mod:`~debias_ops.recipe.bias`: ``--context-stats``: the classes' contexts in the
+  training labels, and IoU where a class lacks its context;
 * :mod:`~debias_ops.recipe.scenes`: generated scenes with a co-occurrence shortcut;
 * :mod:`~debias_ops.recipe.plots`: curves and per-class IoU plots.
 
