@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import debias_ops as dops
+from debias_ops import reference as ref
+
 # Tolerances per dtype of the *compared* tensors (outputs are cast to the input
 # dtype; a bf16 store can round one ulp differently from PyTorch's cast).
 TOL = {
@@ -174,3 +177,154 @@ def cityscapes_args(root, out, *extra):
     return ["--data", "cityscapes", "--root", str(root), "--model", "FPN", "--encoder", "resnet18",
             "--batch", "2", "--crop", "32", "64", "--base-size", "64", "--scale", "0.75", "1.25",
             "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------- kernel checks (fused vs reference)
+# Shared by tests/test_kernels_loss.py, tests/test_kernels_selection.py, tests/test_kernels_gpu.py and
+# tests/test_properties.py.
+F32 = TOL[torch.float32]
+
+
+def loss_inputs(B, K, h, w, H, W, *, dtype=torch.float32, dtype_drop=None, label_dtype=torch.int64,
+            ignore_frac=0.15, ignore_index=255, weight=False, device="cpu", scale=3.0):
+    g = torch.Generator().manual_seed(1234 + B * 7 + K * 13 + h * 17 + W)
+    x = (torch.randn(B, K, h, w, generator=g) * scale).to(dtype)
+    xd = (torch.randn(B, K, h, w, generator=g) * scale).to(dtype_drop or dtype)
+    y = torch.randint(0, K, (B, H, W), generator=g)
+    y[torch.rand(B, H, W, generator=g) < ignore_frac] = ignore_index
+    y = y.to(label_dtype)
+    wt = (torch.rand(K, generator=g) * 2 + 0.1) if weight else None
+    dropped = torch.rand(B, K, generator=g) < 0.3
+    dropped[0, y[0].flatten()[0].clamp(0, K - 1).long()] = True  # at least one present class dropped
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return mv(x), mv(xd), mv(y), mv(wt), mv(dropped)
+
+
+def check_loss(x, xd, y, drop, *, lam=0.7, alpha=10.0, weight=None, ignore_index=255, grad_scale=None,
+           layout="contiguous", layout_drop=None):
+    """Fused (on x's device) vs reference (CPU): loss, its components and both gradients."""
+    xf = make_layout(x.detach().clone(), layout).requires_grad_()
+    xdf = make_layout(xd.detach().clone(), layout_drop or layout).requires_grad_()
+    out = dops.dropclass_loss(xf, xdf, y, drop, lam=lam, alpha=alpha, weight=weight, ignore_index=ignore_index)
+    assert out.loss.dim() == 0 and out.loss.dtype == torch.float32
+    assert not out.ce.requires_grad and not out.ce_drop.requires_grad and not out.sup.requires_grad
+    xr = x.detach().cpu().clone().requires_grad_()
+    xdr = xd.detach().cpu().clone().requires_grad_()
+    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    exp = ref.dropclass_loss(xr, xdr, y.cpu(), cpu(drop), lam=lam, alpha=alpha, weight=cpu(weight),
+                             ignore_index=ignore_index)
+    for name in ("loss", "ce", "ce_drop", "sup"):
+        assert_close(getattr(out, name), getattr(exp, name).float(), **F32, name=name)
+    if grad_scale is None:
+        out.loss.backward()
+        exp.loss.backward()
+    else:
+        out.loss.backward(torch.tensor(grad_scale, device=x.device))
+        exp.loss.backward(torch.tensor(grad_scale))
+    assert xf.grad.dtype == x.dtype and xdf.grad.dtype == xd.dtype
+    assert_close(xf.grad, xr.grad, name="grad logits")
+    assert_close(xdf.grad, xdr.grad, name="grad logits_drop")
+    return out, xf, xdf
+
+
+def drop_of_form(form, B, K, device):
+    if form == "none":
+        return None
+    if form == "int":
+        return K - 1
+    if form == "long":  # -1: this sample drops nothing
+        return torch.tensor([(b % (K + 1)) - 1 for b in range(B)], dtype=torch.long, device=device)
+    if form == "mask":
+        m = torch.rand(B, K, device=device) < 0.4
+        return m
+    if form == "all":
+        return torch.ones(B, K, dtype=torch.bool, device=device)
+    raise ValueError(form)
+
+
+def clone_leaf(x):
+    y = x.detach().clone()
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.requires_grad_(x.requires_grad)
+
+
+def grad_cases(out, device):
+    """A random dOut (in a different layout from out: channels_last) and the
+    stride-0 gradient of out.sum() (design §9)."""
+    g = torch.randn(out.shape, device=device).to(out.dtype)
+    return [("random", make_layout(g, "channels_last")), ("sum", None)]
+
+
+def run_backward(out, grad):
+    if grad is None:
+        out.sum().backward()  # hands the backward ones(1).expand(shape): stride 0
+    else:
+        out.backward(grad)
+
+
+def dg_scale(feats, grad):
+    """max over (b, c) of Σ_n |dOut·A|: the magnitude that bounds the float32
+    rounding of dg = Σ_n dOut·A (and of dW, a keep-weighted mean of dg)."""
+    d = torch.ones_like(feats, dtype=torch.float32) if grad is None else grad.float()
+    return (d.abs() * feats.detach().float().abs()).sum(dim=(2, 3)).max().clamp_min(1e-30).item() if feats.numel() else 1.0
+
+
+def check_class_drop(feats, weight, k, drop, device, grad_kind):
+    f2, w2 = clone_leaf(feats), clone_leaf(weight)
+    out = dops.class_drop(feats, weight, k, drop=drop)
+    exp = ref.class_drop(f2, w2, k, drop=drop)
+    assert out.dtype == feats.dtype and out.shape == feats.shape
+    cl = feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert_close(out, exp, name="out")
+    grad = None if grad_kind == "sum" else make_layout(torch.randn(out.shape, device=device).to(out.dtype), "channels_last")
+    run_backward(out, grad)
+    run_backward(exp, grad)
+    if feats.requires_grad:
+        assert_close(feats.grad, f2.grad, name="dA")
+    if weight.requires_grad:
+        # dW = Σ_b keep·dg/|keep| restricted to W>0 and top-k: float32 sums over
+        # N in chunked order vs PyTorch's; |error| ≲ (N + B)·2^-24·Σ_n|dOut·A|,
+        # far below 1e-5 of that scale for these N; a wrong index or stride
+        # gives errors of order the scale itself. dW is then cast to W's dtype.
+        scale = dg_scale(feats, grad)
+        tol = TOL[weight.dtype]
+        assert_close(weight.grad, w2.grad, rtol=tol["rtol"], atol=max(tol["atol"], 1e-5 * scale), name="dW")
+
+
+def check_suppress_gate_level(feats, logits, k, drop, device):
+    """suppress == reference.apply_gate(feats, channel_gate(S_fused)) with S_fused
+    the fused class_importance (deterministic, so the same S as inside suppress):
+    checks the gate/apply/backward kernels independently of top-k ties."""
+    B, C = feats.shape[:2]
+    K = logits.shape[1]
+    S = dops.class_importance(feats, logits)
+    assert S.dtype == torch.float32 and S.shape == (K, C)
+    dropped = dops.drop_mask(drop, B, K, device)
+    g = ref.channel_gate(S, k, dropped)
+    f2 = clone_leaf(feats)
+    out = dops.suppress(feats, logits, k, drop=drop)
+    exp = ref.apply_gate(f2, g)
+    assert out.dtype == feats.dtype
+    cl = feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    assert_close(out, exp, name="out")
+    for grad_kind, grad in grad_cases(out, device):
+        feats.grad = None
+        f2.grad = None
+        out = dops.suppress(feats, logits, k, drop=drop)
+        exp = ref.apply_gate(f2, g)
+        run_backward(out, grad)
+        run_backward(exp, grad)
+        assert_close(feats.grad, f2.grad, name=f"dA ({grad_kind})")
+    assert logits.grad is None  # class_logits gets no gradient
+
+
+def close_on_device(actual, expected, name):
+    """assert_close for huge tensors, without copying them to the host (bf16 TOL)."""
+    tol = TOL[expected.dtype]
+    a, e = actual.float(), expected.float()
+    bad = ~torch.isclose(a, e, rtol=tol["rtol"], atol=tol["atol"])
+    n_bad = int(bad.sum())
+    assert n_bad == 0, f"{name}: {n_bad} elements differ, max abs diff {(a - e).abs().max().item():.4g}"

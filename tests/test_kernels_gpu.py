@@ -28,9 +28,9 @@ from benchmarks.gpu_check import SANITIZER_TIMEOUT_S, find_sanitizer
 from benchmarks.shapes import GPU_SHAPES
 from debias_ops import reference as ref
 
-from .helpers import TOL, assert_close, cuda_device, make_layout
-from .test_kernels_loss import _inputs as loss_inputs
-from .test_kernels_selection import _close_on_device, _dg_scale
+from .helpers import TOL, assert_close, cuda_device, loss_inputs, make_layout
+from .helpers import close_on_device as _close_on_device
+from .helpers import dg_scale as _dg_scale
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.gpu

@@ -20,52 +20,9 @@ import torch
 
 import debias_ops as dops
 from debias_ops import reference as ref
-from tests.helpers import TOL, assert_close, cuda_device, kernel_device, make_layout
-
-F32 = TOL[torch.float32]
-
-
-def _inputs(B, K, h, w, H, W, *, dtype=torch.float32, dtype_drop=None, label_dtype=torch.int64,
-            ignore_frac=0.15, ignore_index=255, weight=False, device="cpu", scale=3.0):
-    g = torch.Generator().manual_seed(1234 + B * 7 + K * 13 + h * 17 + W)
-    x = (torch.randn(B, K, h, w, generator=g) * scale).to(dtype)
-    xd = (torch.randn(B, K, h, w, generator=g) * scale).to(dtype_drop or dtype)
-    y = torch.randint(0, K, (B, H, W), generator=g)
-    y[torch.rand(B, H, W, generator=g) < ignore_frac] = ignore_index
-    y = y.to(label_dtype)
-    wt = (torch.rand(K, generator=g) * 2 + 0.1) if weight else None
-    dropped = torch.rand(B, K, generator=g) < 0.3
-    dropped[0, y[0].flatten()[0].clamp(0, K - 1).long()] = True  # at least one present class dropped
-    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return mv(x), mv(xd), mv(y), mv(wt), mv(dropped)
-
-
-def _check(x, xd, y, drop, *, lam=0.7, alpha=10.0, weight=None, ignore_index=255, grad_scale=None,
-           layout="contiguous", layout_drop=None):
-    """Fused (on x's device) vs reference (CPU): loss, its components and both gradients."""
-    xf = make_layout(x.detach().clone(), layout).requires_grad_()
-    xdf = make_layout(xd.detach().clone(), layout_drop or layout).requires_grad_()
-    out = dops.dropclass_loss(xf, xdf, y, drop, lam=lam, alpha=alpha, weight=weight, ignore_index=ignore_index)
-    assert out.loss.dim() == 0 and out.loss.dtype == torch.float32
-    assert not out.ce.requires_grad and not out.ce_drop.requires_grad and not out.sup.requires_grad
-    xr = x.detach().cpu().clone().requires_grad_()
-    xdr = xd.detach().cpu().clone().requires_grad_()
-    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    exp = ref.dropclass_loss(xr, xdr, y.cpu(), cpu(drop), lam=lam, alpha=alpha, weight=cpu(weight),
-                             ignore_index=ignore_index)
-    for name in ("loss", "ce", "ce_drop", "sup"):
-        assert_close(getattr(out, name), getattr(exp, name).float(), **F32, name=name)
-    if grad_scale is None:
-        out.loss.backward()
-        exp.loss.backward()
-    else:
-        out.loss.backward(torch.tensor(grad_scale, device=x.device))
-        exp.loss.backward(torch.tensor(grad_scale))
-    assert xf.grad.dtype == x.dtype and xdf.grad.dtype == xd.dtype
-    assert_close(xf.grad, xr.grad, name="grad logits")
-    assert_close(xdf.grad, xdr.grad, name="grad logits_drop")
-    return out, xf, xdf
-
+from tests.helpers import F32, assert_close, cuda_device, kernel_device, make_layout
+from tests.helpers import check_loss as _check
+from tests.helpers import loss_inputs as _inputs
 
 # (h, w) -> (H, W): same size, ×2, ×4, non-integer up, mixed, and downsampling
 RATIOS = {

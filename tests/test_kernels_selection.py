@@ -27,7 +27,13 @@ import torch
 import debias_ops as dops
 from debias_ops import reference as ref
 
-from .helpers import TOL, assert_close, cuda_device, kernel_device, make_layout
+from .helpers import assert_close, cuda_device, kernel_device, make_layout
+from .helpers import check_class_drop as _check_class_drop
+from .helpers import check_suppress_gate_level as _check_suppress_gate_level
+from .helpers import clone_leaf as _clone_leaf
+from .helpers import close_on_device as _close_on_device
+from .helpers import dg_scale as _dg_scale
+from .helpers import drop_of_form as _drop
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # "cropped" is a view whose H and W do not merge into one stride (the kernel's
@@ -60,42 +66,6 @@ def _k(k, C):
     return {"none": None, "one": 1, "mid": max(1, C // 2), "all": C}[k]
 
 
-def _drop(form, B, K, device):
-    if form == "none":
-        return None
-    if form == "int":
-        return K - 1
-    if form == "long":  # -1: this sample drops nothing
-        return torch.tensor([(b % (K + 1)) - 1 for b in range(B)], dtype=torch.long, device=device)
-    if form == "mask":
-        m = torch.rand(B, K, device=device) < 0.4
-        return m
-    if form == "all":
-        return torch.ones(B, K, dtype=torch.bool, device=device)
-    raise ValueError(form)
-
-
-def _clone_leaf(x):
-    y = x.detach().clone()
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y.requires_grad_(x.requires_grad)
-
-
-def _grad_cases(out, device):
-    """A random dOut (in a different layout from out: channels_last) and the
-    stride-0 gradient of out.sum() (design §9)."""
-    g = torch.randn(out.shape, device=device).to(out.dtype)
-    return [("random", make_layout(g, "channels_last")), ("sum", None)]
-
-
-def _backward(out, grad):
-    if grad is None:
-        out.sum().backward()  # hands the backward ones(1).expand(shape): stride 0
-    else:
-        out.backward(grad)
-
-
 def _assert_out_and_grads(out, exp, feats, f2, weight, w2, grad, suffix=""):
     """The fused out, dA and dW against the reference's (dW's atol: see _dg_scale)."""
     assert_close(out, exp, name="out" + suffix)
@@ -103,37 +73,7 @@ def _assert_out_and_grads(out, exp, feats, f2, weight, w2, grad, suffix=""):
     assert_close(weight.grad, w2.grad, atol=1e-5 * _dg_scale(feats, grad), name="dW" + suffix)
 
 
-def _dg_scale(feats, grad):
-    """max over (b, c) of Σ_n |dOut·A|: the magnitude that bounds the float32
-    rounding of dg = Σ_n dOut·A (and of dW, a keep-weighted mean of dg)."""
-    d = torch.ones_like(feats, dtype=torch.float32) if grad is None else grad.float()
-    return (d.abs() * feats.detach().float().abs()).sum(dim=(2, 3)).max().clamp_min(1e-30).item() if feats.numel() else 1.0
-
-
 # ----------------------------------------------------------------------------- class_drop
-
-def _check_class_drop(feats, weight, k, drop, device, grad_kind):
-    f2, w2 = _clone_leaf(feats), _clone_leaf(weight)
-    out = dops.class_drop(feats, weight, k, drop=drop)
-    exp = ref.class_drop(f2, w2, k, drop=drop)
-    assert out.dtype == feats.dtype and out.shape == feats.shape
-    cl = feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
-    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-    assert_close(out, exp, name="out")
-    grad = None if grad_kind == "sum" else make_layout(torch.randn(out.shape, device=device).to(out.dtype), "channels_last")
-    _backward(out, grad)
-    _backward(exp, grad)
-    if feats.requires_grad:
-        assert_close(feats.grad, f2.grad, name="dA")
-    if weight.requires_grad:
-        # dW = Σ_b keep·dg/|keep| restricted to W>0 and top-k: float32 sums over
-        # N in chunked order vs PyTorch's; |error| ≲ (N + B)·2^-24·Σ_n|dOut·A|,
-        # far below 1e-5 of that scale for these N; a wrong index or stride
-        # gives errors of order the scale itself. dW is then cast to W's dtype.
-        scale = _dg_scale(feats, grad)
-        tol = TOL[weight.dtype]
-        assert_close(weight.grad, w2.grad, rtol=tol["rtol"], atol=max(tol["atol"], 1e-5 * scale), name="dW")
-
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -265,34 +205,6 @@ def _planted(B, C, H, W, K, device, gap_scale=1.0):
     feats = torch.randn(B, C, H, W, device=device)
     logits = torch.einsum("kc,bchw->bkhw", w_true, feats) + torch.randn(K, device=device)[None, :, None, None]
     return feats, logits, w_true
-
-
-def _check_suppress_gate_level(feats, logits, k, drop, device):
-    """suppress == reference.apply_gate(feats, channel_gate(S_fused)) with S_fused
-    the fused class_importance (deterministic, so the same S as inside suppress):
-    checks the gate/apply/backward kernels independently of top-k ties."""
-    B, C = feats.shape[:2]
-    K = logits.shape[1]
-    S = dops.class_importance(feats, logits)
-    assert S.dtype == torch.float32 and S.shape == (K, C)
-    dropped = dops.drop_mask(drop, B, K, device)
-    g = ref.channel_gate(S, k, dropped)
-    f2 = _clone_leaf(feats)
-    out = dops.suppress(feats, logits, k, drop=drop)
-    exp = ref.apply_gate(f2, g)
-    assert out.dtype == feats.dtype
-    cl = feats.is_contiguous(memory_format=torch.channels_last) and not feats.is_contiguous()
-    assert out.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-    assert_close(out, exp, name="out")
-    for grad_kind, grad in _grad_cases(out, device):
-        feats.grad = None
-        f2.grad = None
-        out = dops.suppress(feats, logits, k, drop=drop)
-        exp = ref.apply_gate(f2, g)
-        _backward(out, grad)
-        _backward(exp, grad)
-        assert_close(feats.grad, f2.grad, name=f"dA ({grad_kind})")
-    assert logits.grad is None  # class_logits gets no gradient
 
 
 @pytest.mark.kernel
@@ -503,15 +415,6 @@ def test_gpu_peak_memory_w48(op, dtype):
     extra = torch.cuda.max_memory_allocated() - base
     size = feats.numel() * feats.element_size()
     assert extra <= 2.2 * size, f"peak extra {extra / size:.3f}·|A|"
-
-
-def _close_on_device(actual, expected, name):
-    """assert_close for huge tensors, without copying them to the host (bf16 TOL)."""
-    tol = TOL[expected.dtype]
-    a, e = actual.float(), expected.float()
-    bad = ~torch.isclose(a, e, rtol=tol["rtol"], atol=tol["atol"])
-    n_bad = int(bad.sum())
-    assert n_bad == 0, f"{name}: {n_bad} elements differ, max abs diff {(a - e).abs().max().item():.4g}"
 
 
 @pytest.mark.gpu

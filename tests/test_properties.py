@@ -16,12 +16,12 @@ tolerances are theirs (explained there, summarised here):
   the dtype (fp32 1e-5 relative; fp16 / bf16 one rounding of the store);
 * dW (a keep-weighted mean of dg = Σ_n dOut·A, fp32 sums in another order):
   the weight dtype's TOL plus 1e-5 of max_(b,c) Σ_n |dOut·A|
-  (``test_kernels_selection._check_class_drop``);
+  (``tests.helpers.check_class_drop``);
 * S = class_importance: 1e-4 of max|S| when M = B·N ≥ 8·C (well conditioned),
   5e-3 of max|S| otherwise (the ridge solve amplifies the fp32 rounding of G by
   up to (λ_max + ρ)/ρ ≈ 1e3; ``test_kernels_selection.test_class_importance``);
 * loss terms at fp32 TOL, gradients at the logits dtype's TOL
-  (``test_kernels_loss._check``).
+  (``tests.helpers.check_loss``).
 
 Top-k near-ties: the fused S differs from the reference S by rounding, so two
 channels near-tied at the k-th place may swap. As in
@@ -47,8 +47,10 @@ import debias_ops as dops  # noqa: E402
 from debias_ops import reference as ref  # noqa: E402
 
 from .helpers import assert_close, kernel_device, make_layout  # noqa: E402
-from .test_kernels_loss import _check as _check_loss  # noqa: E402
-from .test_kernels_selection import _check_class_drop, _check_suppress_gate_level, _drop  # noqa: E402
+from .helpers import check_class_drop as _check_class_drop  # noqa: E402
+from .helpers import check_loss as _check_loss  # noqa: E402
+from .helpers import check_suppress_gate_level as _check_suppress_gate_level  # noqa: E402
+from .helpers import drop_of_form as _drop  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "strided", "cropped", "offset", "offset_cl"]
