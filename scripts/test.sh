@@ -15,6 +15,23 @@
 # pytest's exit code 5 ("no tests collected") is a failure here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# --fast PY: the subset run under a second stack (`scripts/env.sh torch211`, the oldest
+# supported: torch 2.11 + Triton 3.6 + numpy 2.5, docs/versions.md): the default-backend
+# tests that go through torch's APIs (ops, autograd, modules, torch.compile, custom ops,
+# opcheck, DDP), the GPU check's CPU checks (it runs on that stack), then the interpreter
+# parity of each fused op. No lint, no extra args.
+if [ "${1:-}" = --fast ]; then
+    PY="$2"
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_api.py tests/test_reference.py tests/test_validation.py \
+        tests/test_modules.py tests/test_ddp.py tests/test_kernels_selection.py tests/test_kernels_loss.py \
+        tests/test_kernels_moments.py tests/test_gpu_check.py || { echo "fast subset failed under $PY" >&2; exit 1; }
+    TRITON_INTERPRET=1 DEBIAS_OPS_BACKEND=triton "$PY" -m pytest -q -p no:cacheprovider -m kernel \
+        tests/test_kernels_selection.py tests/test_kernels_loss.py tests/test_kernels_moments.py \
+        -k "test_class_drop_shapes_dtypes_layouts or test_suppress_gate_level or test_class_importance \
+            or test_parity_ratios or test_moments_shapes_dtypes or test_moments_wrap_triton" \
+        || { echo "interpreter parity subset failed under $PY" >&2; exit 1; }
+    exit 0
+fi
 PY="$1"; shift || true
 # 0. lint: ruff.toml's rules, the whole tree
 "$PY" -m ruff check . || { echo "ruff check failed" >&2; exit 1; }
