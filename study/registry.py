@@ -72,8 +72,9 @@ DATA: Dict[str, sb.Config] = {
 # (data, L) in the order the rule reads them: the weakest noise first, the shorter length first
 CANDIDATES: Tuple[Tuple[str, int], ...] = tuple((d, L) for L in (600, 1200) for d in DATA)
 
-# The calibration's pick (study/results/calibration.md), fixed before any DropClass run; None: not yet calibrated.
-CHOSEN: Optional[Tuple[str, int]] = None
+# The calibration's pick (study/results/calibration.md), fixed before any DropClass run: the first qualifying
+# candidate (q = 0.1 at L = 1200; every candidate at L = 600 failed the plateau check).
+CHOSEN: Optional[Tuple[str, int]] = ("b95-flip0.1", 1200)
 
 # ----------------------------------------------------------------------------- the grid
 
