@@ -24,8 +24,8 @@ alignment, ints equal to 1 as constants, i32/i64) and compiled with
 ptxas (``-v``) run on the generated PTX with Triton's own flags. AMD: VGPRs,
 spills and scratch from the AMDGCN assembly's kernel metadata.
 
-Columns: regs, spill stores/loads (bytes; AMD: spilled VGPRs+SGPRs / scratch
-bytes), shared memory (KiB; the target's limit in the title), tensor-core
+Columns: regs, spill stores/loads (bytes; AMD: spilled VGPRs / scratch bytes,
+and SGPR spills -- into VGPR lanes, no memory traffic -- in the note), shared memory (KiB; the target's limit in the title), tensor-core
 instructions in the PTX / AMDGCN (wgmma on sm_90, tcgen05.mma on sm_100,
 mma.sync, v_mfma), of them tf32, widest global load / store (bits per thread
 and instruction), C7515 (ptxas serialised the wgmma pipeline). Requires Triton
@@ -456,8 +456,11 @@ def analyse(ck, log: str | None = None, target: str = "sm_90") -> dict:
         scratch = re.findall(r"ScratchSize:\s+(\d+)", asm)
         return dict(
             regs=_amd_meta(asm, "vgpr_count"),
-            spill_st=max(_amd_meta(asm, "vgpr_spill_count"), 0) + max(_amd_meta(asm, "sgpr_spill_count"), 0),
+            # AMD: spilled VGPRs / scratch (private memory) bytes per lane; SGPR spills go
+            # to VGPR lanes (no memory traffic) and are reported apart
+            spill_st=max(_amd_meta(asm, "vgpr_spill_count"), 0),
             spill_ld=max((int(x) for x in scratch), default=0),
+            sgpr_spill=max(_amd_meta(asm, "sgpr_spill_count"), 0),
             smem=int(ck.metadata.shared),
             tc=len(re.findall(r"^\s*v_mfma", asm, re.M)),
             tc_tf32=len(re.findall(r"^\s*v_mfma\S*xf32", asm, re.M)),
@@ -471,12 +474,11 @@ def analyse(ck, log: str | None = None, target: str = "sm_90") -> dict:
     regs = re.findall(r"Used (\d+) registers", log)
     st = re.findall(r"(\d+) bytes spill stores", log)
     ld = re.findall(r"(\d+) bytes spill loads", log)
-    wgmma = len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M))
-    wgmma_tf32 = len(re.findall(r"^\s*wgmma\.mma_async\S*\.tf32", ptx, re.M))
-    mma = len(re.findall(r"^\s*mma\.sync", ptx, re.M))
-    mma_tf32 = len(re.findall(r"^\s*mma\.sync\S*\.tf32", ptx, re.M))
-    tc5 = len(re.findall(r"^\s*tcgen05\.mma(?:\.cta_group::\d)?(?:\.kind::\w+)?\S*", ptx, re.M))
-    tc5_tf32 = len(re.findall(r"^\s*tcgen05\.mma\S*kind::tf32", ptx, re.M))
+    def count(pattern):  # instructions, predicated or not
+        return len(re.findall(rf"^\s*(?:@!?%p\w*\s+)?{pattern}", ptx, re.M))
+    wgmma, wgmma_tf32 = count(r"wgmma\.mma_async"), count(r"wgmma\.mma_async\S*\.tf32")
+    mma, mma_tf32 = count(r"mma\.sync"), count(r"mma\.sync\S*\.tf32")
+    tc5, tc5_tf32 = count(r"tcgen05\.mma\.cta_group"), count(r"tcgen05\.mma\.cta_group\S*kind::tf32")
     return dict(
         regs=int(regs[-1]) if regs else -1,
         spill_st=int(st[-1]) if st else -1,
@@ -507,6 +509,8 @@ def row(ln: Launch, r: dict, target: str = "sm_90") -> str:
         note.append(f"OVER {DEVICES[target].smem // KIB} KiB")
     if r["c7515"]:
         note.append("wgmma serialised (C7515)")
+    if r.get("sgpr_spill"):
+        note.append(f"{r['sgpr_spill']} SGPRs spilled to VGPR lanes")
     grid = "x".join(str(x) for x in ln.grid)
     return (f"{ln.name:44s} {grid:>16s} {o.get('num_warps', '-')!s:>5s} {o.get('num_stages', '-')!s:>3s} "
             f"{o.get('maxnreg', '-')!s:>4s} {r['regs']:4d} {str(r['spill_st']) + '/' + str(r['spill_ld']):>11s} "
@@ -519,7 +523,13 @@ def print_table(launch_list, target: str = "sm_90", out=sys.stdout) -> list[tupl
     print(HEADER, file=out, flush=True)
     rows = []
     for ln in launch_list:
-        _ck, r = compile_launch(ln, target)
+        try:
+            _ck, r = compile_launch(ln, target)
+        except Exception as err:  # a launch that does not compile for this target: say so, go on
+            msg = [x for x in str(err).splitlines() if x.strip()]
+            print(f"{ln.name:44s} does not compile: {type(err).__name__}: {msg[-1] if msg else ''}",
+                  file=out, flush=True)
+            continue
         print(row(ln, r, target), file=out, flush=True)
         rows.append((ln, r))
     return rows

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ._env import interpreting
 
-__all__ = ["Target", "INTERPRETER", "target", "assume_target", "fp32_dot_precision", "next_pow2",
+__all__ = ["Target", "INTERPRETER", "target", "assume_target", "mma_kind", "fp32_dot_precision", "next_pow2",
            "interpreting", "triton_minor", "INTERPRETED", "loop_bound", "to_output", "emulate_rtne_bf16"]
 
 
@@ -86,6 +86,18 @@ def _device_target(index: int) -> Target:
     return Target("cuda", 10 * p.major + p.minor, p.multi_processor_count, smem, warp)
 
 
+def mma_kind(t: Target) -> str:
+    """The matrix instructions Triton generates for ``tl.dot`` on ``t`` (what the
+    plans' tile choices depend on): "wgmma" (sm_90), "tcgen05" (sm_100 / sm_103 /
+    sm_110: accumulators in tensor memory), "mma" (mma.sync, accumulators and
+    operands in registers: sm_80 – sm_89, sm_120), "mfma" (AMD CDNA),
+    "interpreter"."""
+    if t.backend == "cuda":
+        major = int(t.arch) // 10
+        return "wgmma" if major == 9 else ("tcgen05" if 10 <= major < 12 else "mma")
+    return "mfma" if t.backend == "hip" else "interpreter"
+
+
 @functools.lru_cache(maxsize=None)
 def fp32_dot_precision(t: Target) -> str:
     """``input_precision`` of a float32 ``tl.dot`` that keeps ~fp32 accuracy on ``t``:
@@ -112,7 +124,7 @@ def triton_minor() -> tuple[int, int]:
 # The one place where launch configurations depend on the Triton version: what each
 # Triton's code generator + its bundled ptxas do with a configuration on sm_90 is not
 # detectable at run time without a compile, so these are the measured facts of the
-# offline sm_90 compiles (``python -m benchmarks.aot``, tests/test_aot_sm90.py; numbers
+# offline sm_90 compiles (``python -m benchmarks.aot``, tests/test_aot_targets.py; numbers
 # in benchmarks/NOTES_aot.md, "Triton versions"):
 #   moments_cl16_block_c: largest BLOCK_C of the channels_last 16-bit (bf16 / fp16 /
 #       mixed) moments partial kernel. BLOCK_C 128 at 8 warps spills at 255 registers

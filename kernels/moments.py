@@ -102,7 +102,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, Target, fp32_dot_precision, loop_bound, next_pow2, sm90_config, target
+from ._common import INTERPRETER, Target, fp32_dot_precision, loop_bound, mma_kind, next_pow2, sm90_config, target
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -621,6 +621,13 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
     """
     interp = t == INTERPRETER
     sixteen = feats_dtype in _SIXTEEN
+    mixed = sixteen and logits_dtype != feats_dtype  # 16-bit feats, fp32 (mode 2) cross term
+    kind = mma_kind(t)
+    # mma.sync / MFMA keep both dot operands and the accumulator in registers (wgmma reads
+    # them from shared memory, tcgen05 accumulates in tensor memory): there the fp32
+    # (tf32x3: hi/lo halves of both operands) and mixed tiles of 128 spill. Measured in
+    # the offline compiles for each target (benchmarks/NOTES_aot.md, "Targets").
+    in_regs = kind in ("mma", "mfma")
     if block_c is None:
         if interp:
             block_c = min(32, max(16, next_pow2(C)))
@@ -628,11 +635,13 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
             block_c = _pick_block_c(C)
             if channels_last and sixteen:
                 # 128 spills on some Tritons (3.6, 3.8): kernels/_common.py:_SM90_CONFIG
-                block_c = min(block_c, sm90_config("moments_cl16_block_c"))
+                block_c = min(block_c, 64 if in_regs else sm90_config("moments_cl16_block_c"))
+            if in_regs and (mixed or not sixteen):
+                block_c = min(block_c, 64)
     if block_n is None:
         if interp:
             block_n = 16
-        elif sixteen and not channels_last:
+        elif sixteen and not channels_last and kind in ("wgmma", "tcgen05") and not (mixed and kind == "tcgen05"):
             # BLOCK_C 64: the BLOCK_N without wgmma serialisation (C7515) depends on the Triton
             block_n = sm90_config("moments_nchw16_bc64_block_n") if block_c == 64 else 64
         else:
@@ -668,7 +677,8 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
         block_c=block_c, block_k=block_k, block_n=block_n, splits=splits,
         num_warps=num_warps, num_stages=num_stages, fp32_precision=fp32_precision,
         recenter_every=int(recenter_every), g_mode=g_mode, x_mode=x_mode,
-        sum_by_dot=bool(sum_by_dot if sum_by_dot is not None else channels_last),
+        # (on the tensor cores: a tl.sum there makes ptxas serialise wgmma; registers: plain sums)
+        sum_by_dot=bool(sum_by_dot if sum_by_dot is not None else (channels_last and not in_regs)),
         dot_f32=bool(interp and feats_dtype == torch.bfloat16),
         block_s=16 if interp else 64,
         # ROWS (register tiling only; same sums): 32 for 128-wide tiles with BLOCK_K <= 64, else 16

@@ -79,7 +79,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.ready" ]; then
     } 1>&2
 fi
 # Triton 3.6 (the GPU machine's) beside the venv's: scripts/test.sh also runs the sm_90
-# compile checks (tests/test_aot_sm90.py) under it, since launch configurations that
+# compile checks (tests/test_aot_targets.py) under it, since launch configurations that
 # compile clean under one Triton may spill under another (benchmarks/NOTES_aot.md)
 if [ ! -f .triton36/.ready ]; then
     "$VENV/bin/python" -m pip install -q --no-deps --upgrade --target .triton36 triton==3.6.0 1>&2 \

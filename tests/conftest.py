@@ -17,7 +17,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running")
     # pytest-timeout's marker, registered here too so a run without the plugin does not warn
     config.addinivalue_line("markers", "timeout(seconds): fail a test that runs longer (pytest-timeout)")
-    config.addinivalue_line("markers", "aot: sm_90 compile checks without a GPU (tests/test_aot_sm90.py)")
+    config.addinivalue_line("markers", "aot: offline compile checks per target GPU, no GPU needed (tests/test_aot_targets.py)")
 
 
 @pytest.fixture(autouse=True)
