@@ -13,7 +13,7 @@ import triton.language as tl
 from ._env import interpreting
 
 __all__ = ["Target", "INTERPRETER", "target", "assume_target", "mma_kind", "fp32_dot_precision", "next_pow2",
-           "interpreting", "triton_minor", "INTERPRETED", "loop_bound", "to_output", "emulate_rtne_bf16"]
+           "interpreting", "triton_minor", "sm90_config", "mma_config", "INTERPRETED", "loop_bound", "to_output", "emulate_rtne_bf16"]
 
 
 def next_pow2(x: int) -> int:
@@ -122,10 +122,11 @@ def triton_minor() -> tuple[int, int]:
 
 
 # The one place where launch configurations depend on the Triton version: what each
-# Triton's code generator + its bundled ptxas do with a configuration on sm_90 is not
+# Triton's code generator + its bundled ptxas do with a configuration is not
 # detectable at run time without a compile, so these are the measured facts of the
-# offline sm_90 compiles (``python -m benchmarks.aot``, tests/test_aot_targets.py; numbers
-# in benchmarks/NOTES_aot.md, "Triton versions"):
+# offline compiles (``python -m benchmarks.aot``, tests/test_aot_targets.py; numbers
+# in benchmarks/NOTES_aot.md, "Triton versions" and "Targets").
+# sm_90 (wgmma; also read on sm_100):
 #   moments_cl16_block_c: largest BLOCK_C of the channels_last 16-bit (bf16 / fp16 /
 #       mixed) moments partial kernel. BLOCK_C 128 at 8 warps spills at 255 registers
 #       on 3.6 (592 B) and 3.8 (600 B), is clean on 3.7 (169 regs) and 3.9 (166);
@@ -140,15 +141,36 @@ _SM90_CONFIG = {
     (3, 8): dict(moments_cl16_block_c=64, moments_nchw16_bc64_block_n=64),
     (3, 9): dict(moments_cl16_block_c=128, moments_nchw16_bc64_block_n=64),
 }
+# mma.sync targets (sm_80, sm_89, sm_120; measured on 3.6 and 3.8):
+#   moments_fp32_cl_num_warps: warps of the fp32 channels_last moments partial kernel
+#       (BLOCK_C 64, BLOCK_N 32, 2 stages). ptxas holds it at ~128 registers: 4 warps
+#       spill 4-8 B on 3.6 (sm_89), 8 warps spill 16 B on 3.8 (sm_120, W18s); the
+#       other is clean on all three targets.
+#   moments_reduce_rows_bc64: ROWS of the moments reduce kernel (8 warps) at BLOCK_C 64.
+#       ptxas gives it 64-80 registers there: ROWS 16 spills 16 B on 3.6 (sm_120, W48),
+#       ROWS 8 spills 4 B on 3.8 (sm_120, W18s); the other is clean on all three.
+_MMA_CONFIG = {
+    (3, 6): dict(moments_fp32_cl_num_warps=8, moments_reduce_rows_bc64=8),
+    (3, 8): dict(moments_fp32_cl_num_warps=4, moments_reduce_rows_bc64=16),
+}
+
+
+def _nearest(table: dict, key: str, version: tuple[int, int] | None):
+    v = triton_minor() if version is None else version
+    known = sorted(table)
+    near = known[0] if v <= known[0] else max(k for k in known if k <= v)
+    return table[near][key]
 
 
 def sm90_config(key: str, version: tuple[int, int] | None = None):
     """The version-dependent launch choice ``key`` of ``_SM90_CONFIG`` for this Triton
     (or ``version``), from the nearest measured version."""
-    v = triton_minor() if version is None else version
-    known = sorted(_SM90_CONFIG)
-    near = known[0] if v <= known[0] else max(k for k in known if k <= v)
-    return _SM90_CONFIG[near][key]
+    return _nearest(_SM90_CONFIG, key, version)
+
+
+def mma_config(key: str, version: tuple[int, int] | None = None):
+    """The same for ``_MMA_CONFIG`` (mma.sync targets)."""
+    return _nearest(_MMA_CONFIG, key, version)
 
 
 # Under TRITON_INTERPRET=1 (the interpreter runs the kernels as Python), a constant

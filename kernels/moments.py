@@ -102,7 +102,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER, Target, fp32_dot_precision, loop_bound, mma_kind, next_pow2, sm90_config, target
+from ._common import (
+    INTERPRETER,
+    Target,
+    fp32_dot_precision,
+    loop_bound,
+    mma_config,
+    mma_kind,
+    next_pow2,
+    sm90_config,
+    target,
+)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -613,7 +623,8 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
          channels_last: bool, t: Target, *, block_c: int | None = None, block_n: int | None = None,
          splits: int | None = None, fp32_precision: str | None = None, num_warps: int | None = None,
          num_stages: int | None = None, recenter_every: int | None = None,
-         sum_by_dot: bool | None = None) -> Plan:
+         sum_by_dot: bool | None = None, reduce_rows: int | None = None,
+         reduce_warps: int | None = None) -> Plan:
     """The launch configuration for B images of N positions, C feature channels
     and K logits on ``t`` (B·N > 0); ``channels_last``: the channels of ``feats``
     are its contiguous axis. Keyword arguments force a choice (tuning knobs; see
@@ -666,6 +677,9 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
 
     if num_warps is None and not interp:
         num_warps = 8 if block_c >= 128 else 4
+        if kind == "mma" and channels_last and not sixteen:
+            # fp32 channels_last at BLOCK_C 64: depends on the Triton (_common._MMA_CONFIG)
+            num_warps = mma_config("moments_fp32_cl_num_warps")
     if num_stages is None and not interp:
         # shared memory per the sm_90 AOT compile (benchmarks/aot_moments.py,
         # no GPU here; limit 227 KiB): NCHW 3 stages: bf16 BLOCK_N 64 64 KiB,
@@ -682,9 +696,11 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
         dot_f32=bool(interp and feats_dtype == torch.bfloat16),
         block_s=16 if interp else 64,
         # ROWS (register tiling only; same sums): 32 for 128-wide tiles with BLOCK_K <= 64, else 16
-        # (sm_90 ptxas: BLOCK_C 64 with ROWS 32 spills 12 B at 8 warps, ROWS 16 does not)
-        reduce_rows=16 if (interp or block_c < 128 or block_k > 64) else 32,
-        reduce_warps=None if interp else 8,  # 4 warps spill (float64 tile; sm_90 AOT)
+        # (sm_90 ptxas: BLOCK_C 64 with ROWS 32 spills 12 B at 8 warps, ROWS 16 does not); on
+        # mma.sync targets per Triton (_common._MMA_CONFIG)
+        reduce_rows=reduce_rows or (16 if (interp or block_k > 64) else (32 if block_c >= 128 else (
+            mma_config("moments_reduce_rows_bc64") if kind == "mma" else 16))),
+        reduce_warps=reduce_warps or (None if interp else 8),  # 4 warps spill (float64 tile; sm_90 AOT)
     )
 
 

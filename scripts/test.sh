@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Runs the test suite with the given python.
 #  1. the whole suite on the default backend (reference on CPU, kernels on a GPU);
+#     it includes the offline compile checks of every target GPU
+#     (tests/test_aot_targets.py, default subset: 3.6 min of CPU with a cold Triton
+#     cache, 2.9 of them for the targets beside sm_90; benchmarks/NOTES_aot.md);
 #  2. the kernel parity tests under the Triton interpreter (CPU tensors,
 #     DEBIAS_OPS_BACKEND=triton, TRITON_INTERPRET=1), which is how a CPU-only
 #     machine (CI) checks the Triton kernels.
 #  3. where scripts/env.sh installed Triton 3.6 into .triton36 (the GPU machine's
-#     Triton; not on the GPU machine itself), the offline sm_90 compile checks
-#     (tests/test_aot_sm90.py, default subset) once more under it: step 1 ran them
-#     under the environment's Triton, and configurations clean under one Triton
-#     can spill under another (measured: ~45 s with a cold compile cache, ~17 s warm,
-#     on 2 shared CPU cores).
+#     Triton; not on the GPU machine itself), the offline compile checks for sm_90,
+#     sm_89 and sm_120 (tests/test_aot_targets.py, default subsets: the targets with
+#     per-version choices) once more under it: step 1 ran them (every target) under
+#     the environment's Triton, and configurations clean under one Triton can spill
+#     under another (measured for sm_90 alone: ~45 s with a cold compile cache, ~17 s
+#     warm, on 2 shared CPU cores; sm_89 and sm_120 add ~1 min of CPU cold).
 #     DEBIAS_OPS_AOT_REQUIRE=1: a missing compiler piece fails instead of skipping.
+#     Then the interpreter parity of each fused op under Triton 3.6 with the
+#     environment's numpy (the subset of --fast below; measured: 163 tests, 98 s of
+#     CPU, 5.5 min wall on 2 CPU cores shared with other jobs).
 #  0. (first) `ruff check .` with the repository's ruff.toml.
 # pytest's exit code 5 ("no tests collected") is a failure here.
 set -uo pipefail
@@ -53,10 +60,20 @@ else
     exit 1
 fi
 if [ -d .triton36 ]; then
-    PYTHONPATH=.triton36 DEBIAS_OPS_AOT_REQUIRE=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_aot_sm90.py
+    PYTHONPATH=.triton36 DEBIAS_OPS_AOT_REQUIRE=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_aot_targets.py \
+        -k "sm_90 or sm_89 or sm_120"
     rc=$?
     if [ $rc -ne 0 ]; then
-        [ $rc -eq 5 ] && echo "no sm_90 compile tests collected under Triton 3.6: failing" >&2
+        [ $rc -eq 5 ] && echo "no compile tests collected under Triton 3.6: failing" >&2
+        exit 1
+    fi
+    PYTHONPATH=.triton36 TRITON_INTERPRET=1 DEBIAS_OPS_BACKEND=triton "$PY" -m pytest -q -p no:cacheprovider -m kernel \
+        tests/test_kernels_selection.py tests/test_kernels_loss.py tests/test_kernels_moments.py \
+        -k "test_class_drop_shapes_dtypes_layouts or test_suppress_gate_level or test_class_importance \
+            or test_parity_ratios or test_moments_shapes_dtypes or test_moments_wrap_triton"
+    rc=$?
+    if [ $rc -ne 0 ]; then
+        [ $rc -eq 5 ] && echo "no interpreter tests collected under Triton 3.6: failing" >&2
         exit 1
     fi
 fi

@@ -209,18 +209,21 @@ def test_loss_horizontal_dot_on_tensor_cores_sm_90(aot):
     assert rows and all(r["wgmma"] + r["mma"] > 0 for r in rows)
 
 
-def test_sm_90_config_versions():
-    """The per-version launch choices: every measured version has every key; a version
-    outside the table takes the nearest measured one (older -> 3.6, newer -> 3.9)."""
+@pytest.mark.parametrize("table,get", [("_SM90_CONFIG", "sm90_config"), ("_MMA_CONFIG", "mma_config")])
+def test_sm_90_config_versions(table, get):
+    """The per-version launch choices (sm_90; mma.sync targets): every measured version has
+    every key; a version outside the table takes the nearest measured one."""
     pytest.importorskip("triton")
     from debias_ops.kernels import _common as c
-    keys = set(c._SM90_CONFIG[(3, 6)])
-    assert all(set(v) == keys for v in c._SM90_CONFIG.values())
+    tab, fn = getattr(c, table), getattr(c, get)
+    first, last = min(tab), max(tab)
+    keys = set(tab[first])
+    assert all(set(v) == keys for v in tab.values())
     for key in keys:
-        assert c.sm90_config(key, (3, 5)) == c._SM90_CONFIG[(3, 6)][key]
-        assert c.sm90_config(key, (3, 10)) == c._SM90_CONFIG[(3, 9)][key]
-        assert c.sm90_config(key, (4, 0)) == c._SM90_CONFIG[(3, 9)][key]
-        assert c.sm90_config(key, (3, 8)) == c._SM90_CONFIG[(3, 8)][key]
+        assert fn(key, (3, 5)) == tab[first][key]
+        assert fn(key, (3, 10)) == tab[last][key]
+        assert fn(key, (4, 0)) == tab[last][key]
+        assert fn(key, (3, 8)) == tab[(3, 8)][key]
     assert c.sm90_config("moments_cl16_block_c") in (64, 128)
 
 
