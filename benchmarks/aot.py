@@ -90,8 +90,6 @@ DEVICES = {
     "sm_120": Device("RTX 5090", "cuda", 120, 170, 99 * KIB),
     "gfx942": Device("MI300X", "hip", "gfx942", 304, 64 * KIB, 64),
 }
-H100_SMS = DEVICES["sm_90"].sms
-SMEM_LIMIT = DEVICES["sm_90"].smem
 
 # ----------------------------------------------------------------------------- availability
 
