@@ -637,8 +637,10 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
     # mma.sync / MFMA keep both dot operands and the accumulator in registers (wgmma reads
     # them from shared memory, tcgen05 accumulates in tensor memory): there the fp32
     # (tf32x3: hi/lo halves of both operands) and mixed tiles of 128 spill. Measured in
-    # the offline compiles for each target (benchmarks/NOTES_aot.md, "Targets").
-    in_regs = kind in ("mma", "mfma")
+    # the offline compiles for each target (benchmarks/NOTES_aot.md, "Targets"). Those
+    # plans need at most 80 KiB of shared memory (the sm_90 ones up to 192 KiB), so a
+    # device with less than 192 KiB per block takes them whatever its MMA kind.
+    in_regs = kind in ("mma", "mfma") or t.smem < 192 * 1024
     if block_c is None:
         if interp:
             block_c = min(32, max(16, next_pow2(C)))

@@ -240,3 +240,23 @@ def test_target_kinds_and_fp32_precision():
     assert fp32_dot_precision(amd) == "ieee"
     assert fp32_dot_precision(Target("cuda", 90, 132, 227 * 1024)) in ("tf32x3", "ieee")
     assert Target("cuda", 89, 58, 99 * 1024).name == "sm_89" and amd.name == "gfx942"
+
+
+def test_moments_plans_read_the_target():
+    """moments.plan is a pure function of shapes, dtypes and the Target: the H100 keeps
+    128-wide fp32 tiles; mma.sync / MFMA targets, and any device with less than 192 KiB
+    of shared memory per block, take 64-wide ones; AMD gets an ieee fp32 dot."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from debias_ops.kernels import moments
+    from debias_ops.kernels._common import Target
+
+    def fp32(t, cl=False):
+        return moments.plan(8, 720, 19, 128 * 256, torch.float32, torch.float32, cl, t)
+    h100 = fp32(Target("cuda", 90, 132, 227 * 1024))
+    assert (h100.block_c, h100.num_warps, h100.num_stages, h100.fp32_precision) == (128, 8, 3, "tf32x3")
+    for t in (Target("cuda", 80, 108, 163 * 1024), Target("cuda", 120, 170, 99 * 1024),
+              Target("cuda", 90, 132, 99 * 1024), Target("hip", "gfx942", 304, 64 * 1024, 64)):
+        p = fp32(t, cl=True)
+        assert p.block_c == 64 and not p.sum_by_dot, (t, p)
+    assert fp32(Target("hip", "gfx942", 304, 64 * 1024, 64)).fp32_precision == "ieee"
