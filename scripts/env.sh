@@ -3,12 +3,12 @@
 #
 #   scripts/env.sh            the main environment, .venv (the whole suite runs in it)
 #   scripts/env.sh torch211   .venv-torch211: the oldest stack this package supports,
-#                             which is also the GPU machine's: torch 2.11.0 with the
+#                             a common GPU stack: torch 2.11.0 with the
 #                             Triton 3.6.0 it pins, numpy 2.5, Python 3.12; no
 #                             torchvision / smp (their tests skip). scripts/test.sh
 #                             --fast runs a subset in it (docs/versions.md).
 #
-# * A machine that already has torch + triton + a CUDA GPU (the GPU machine:
+# * A machine that already has torch + triton + a CUDA GPU (a GPU machine:
 #   no network) uses its own python3 and installs nothing; `env.sh torch211`
 #   prints nothing there (that machine's own stack is the one tested).
 # * Anywhere else a virtualenv is created (once) and filled: torch is pinned
@@ -78,7 +78,7 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.ready" ]; then
         touch "$VENV/.ready"
     } 1>&2
 fi
-# Triton 3.6 (the GPU machine's) beside the venv's: scripts/test.sh also runs the sm_90
+# Triton 3.6 (what torch 2.11 pins) beside the venv's: scripts/test.sh also runs the sm_90
 # compile checks (tests/test_aot_targets.py) under it, since launch configurations that
 # compile clean under one Triton may spill under another (benchmarks/NOTES_aot.md)
 if [ ! -f .triton36/.ready ]; then

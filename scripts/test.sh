@@ -7,8 +7,8 @@
 #  2. the kernel parity tests under the Triton interpreter (CPU tensors,
 #     DEBIAS_OPS_BACKEND=triton, TRITON_INTERPRET=1), which is how a CPU-only
 #     machine (CI) checks the Triton kernels.
-#  3. where scripts/env.sh installed Triton 3.6 into .triton36 (the GPU machine's
-#     Triton; not on the GPU machine itself), the offline compile checks for sm_90,
+#  3. where scripts/env.sh installed Triton 3.6 into .triton36 (what torch 2.11
+#     pins; not on a GPU machine), the offline compile checks for sm_90,
 #     sm_89 and sm_120 (tests/test_aot_targets.py, default subsets: the targets with
 #     per-version choices) once more under it: step 1 ran them (every target) under
 #     the environment's Triton, and configurations clean under one Triton can spill

@@ -97,7 +97,7 @@ def aot():
     except ImportError as err:
         _skip(f"no triton ({err})")
     from benchmarks import aot as mod
-    # Triton 3.6 (the GPU session) fuses FP multiply-adds by default; 3.9 warns unless told
+    # Triton 3.6 fuses FP multiply-adds by default; 3.9 warns unless told
     old = os.environ.get("TRITON_DEFAULT_FP_FUSION")
     os.environ["TRITON_DEFAULT_FP_FUSION"] = "1"
     yield mod
