@@ -169,7 +169,7 @@ def calibration_row(out: Path, data: str, L: int, seeds: Sequence[int], override
     row["plateau_change"] = paired_interval([metric(b, "rider_ordinary") - metric(a, "rider_ordinary")
                                              for a, b in zip(runs[L], runs[2 * L])])
     checks = {f"ordinary rider IoU at L >= {rg.MIN_ORDINARY:g}": row["at_L"]["rider_ordinary"] >= rg.MIN_ORDINARY,
-              f"|change 2L - L| < {rg.PLATEAU:g}": abs(row["plateau_change"]["mean"]) < rg.PLATEAU,
+              f"abs(change 2L - L) < {rg.PLATEAU:g}": abs(row["plateau_change"]["mean"]) < rg.PLATEAU,
               f"gap at L >= {rg.MIN_GAP:g}": row["at_L"]["gap"] >= rg.MIN_GAP,
               f"gap at 2L >= {rg.MIN_GAP:g}": row["at_2L"]["gap"] >= rg.MIN_GAP}
     row["checks"] = checks
