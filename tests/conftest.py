@@ -20,6 +20,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "aot: offline compile checks per target GPU, no GPU needed (tests/test_aot_targets.py)")
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one CPU thread for the test (restored after): small models on a shared
+    machine run faster without threads that only spin. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import torch

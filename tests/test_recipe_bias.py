@@ -42,12 +42,7 @@ CAR_PX, RIDER_PX = 8 * 12, 8 * 8
 FAIL_RIDER, FAIL_CAR = 1, 2  # the oracle's instructions, in the green channel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def label_ids(rider="on", car="on"):

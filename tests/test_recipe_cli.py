@@ -29,12 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN = ("--steps", "2", "--log-every", "1", "--ckpt-every", "2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ TINY = ["--steps", "3", "--seeds", "2", "--n-train", "64", "--n-test", "16", "--
 DATA = next(iter(rg.DATA))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The study's runs are single-threaded (bias_grid's workers): tiny runs are slower with more threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _on_context(labels: torch.Tensor, cls: int, context: int) -> torch.Tensor:
