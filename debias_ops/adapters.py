@@ -147,9 +147,10 @@ class TorchvisionAdapter(FamilyAdapter):
         return wrapper.model.aux_classifier(extra["aux"])
 
 
-class LRASPPAdapter(FamilyAdapter):
+class LRASPPAdapter(TorchvisionAdapter):
     """torchvision ``lraspp_*``: ``low_classifier(low) + high_classifier(up(high branch))`` is one
-    1×1 conv over ``cat([low, up(high branch)])`` (weights concatenated, biases summed)."""
+    1×1 conv over ``cat([low, up(high branch)])`` (weights concatenated, biases summed).
+    Its own classifier and features; the output (and the absent aux head) as the torchvision family's."""
 
     name = "lraspp"
 
@@ -170,10 +171,6 @@ class LRASPPAdapter(FamilyAdapter):
         x = h.cbr(high) * h.scale(high)
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([low, x], dim=1), features
-
-    def infer(self, wrapper, images):
-        feats, features = self.features(wrapper, images)
-        return _torchvision_output(wrapper.model, wrapper.predict(feats), features, images.shape[-2:])
 
 
 # ---------------------------------------------------------------------- segmentation_models_pytorch
