@@ -95,7 +95,8 @@ DEVICES = {
 
 def available(target: str = "sm_90") -> str | None:
     """None when offline compiles for ``target`` can run here, else the reason they cannot."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
+    from debias_ops.kernels._env import interpreting  # standard library only
+    if interpreting():
         return "TRITON_INTERPRET is set (the compiler path is not used)"
     try:
         import triton  # noqa: F401

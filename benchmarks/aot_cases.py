@@ -24,7 +24,7 @@ def cases() -> dict:
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     cases = {}
 
-    def feats(s, dtype, cl, C=None, K=False):
+    def feats(s, dtype, cl, K=False):
         C = s["K"] if K else s["C"]
         fmt = torch.channels_last if cl else torch.contiguous_format
         return torch.empty(s["B"], C, s["H"], s["W"], dtype=dtype, device="cuda", memory_format=fmt)

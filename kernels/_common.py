@@ -180,11 +180,13 @@ INTERPRETED = tl.constexpr(interpreting())
 
 @triton.jit
 def loop_bound(x):
-    """``x`` as a ``range`` bound. Compiled for a GPU this is ``x`` itself (the branch
-    below is dropped). Under the interpreter it is a Python int: Triton 3.6's
+    """``x`` as a ``range`` bound. Compiled for a GPU this is ``x`` itself: INTERPRETED
+    is a constexpr False there, so the code generator drops the branch below and
+    never sees ``.item()``. Under the interpreter it is a Python int: Triton 3.6's
     interpreter holds a scalar as a 1-element numpy array and its ``range``
     converts that with ``int()``, which numpy >= 2.4 refuses for arrays of rank > 0;
-    ``item()`` takes any size-1 array."""
+    ``item()`` takes any size-1 array. That array is host memory (the interpreter
+    runs on the CPU), so ``item()`` is no device sync."""
     if INTERPRETED:
         return x.handle.data.item()
     else:

@@ -186,7 +186,7 @@ F32 = TOL[torch.float32]
 
 
 def loss_inputs(B, K, h, w, H, W, *, dtype=torch.float32, dtype_drop=None, label_dtype=torch.int64,
-            ignore_frac=0.15, ignore_index=255, weight=False, device="cpu", scale=3.0):
+                ignore_frac=0.15, ignore_index=255, weight=False, device="cpu", scale=3.0):
     g = torch.Generator().manual_seed(1234 + B * 7 + K * 13 + h * 17 + W)
     x = (torch.randn(B, K, h, w, generator=g) * scale).to(dtype)
     xd = (torch.randn(B, K, h, w, generator=g) * scale).to(dtype_drop or dtype)
@@ -201,7 +201,7 @@ def loss_inputs(B, K, h, w, H, W, *, dtype=torch.float32, dtype_drop=None, label
 
 
 def check_loss(x, xd, y, drop, *, lam=0.7, alpha=10.0, weight=None, ignore_index=255, grad_scale=None,
-           layout="contiguous", layout_drop=None):
+               layout="contiguous", layout_drop=None):
     """Fused (on x's device) vs reference (CPU): loss, its components and both gradients."""
     xf = make_layout(x.detach().clone(), layout).requires_grad_()
     xdf = make_layout(xd.detach().clone(), layout_drop or layout).requires_grad_()
