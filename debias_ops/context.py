@@ -298,8 +298,8 @@ class ContextStatistics(_Counts):
         ok = enough & (by_cooccurrence | by_adjacency)
         ok.fill_diagonal_(False)
         ok[:, list(exclude)] = False
-        order = lambda b, a: (-p_b_given_a[a, b].item(), -p_touch[a, b].item(), b)
-        context = tuple(tuple(sorted(ok[a].nonzero().flatten().tolist(), key=lambda b, a=a: order(b, a)))
+        pba, pt = p_b_given_a.tolist(), p_touch.tolist()
+        context = tuple(tuple(sorted(ok[a].nonzero().flatten().tolist(), key=lambda b, a=a: (-pba[a][b], -pt[a][b], b)))
                         for a in range(self.num_classes))
         return ContextResult(
             num_images=int(N), images=images, pixels=s["pixels"], boundary=s["boundary"], cooccurrence=cooc,
@@ -378,25 +378,31 @@ class ContextConflictEval(_Counts):
         C, B = self.num_classes, t.shape[0]
         lab, valid = _labels(t, C, self.ignore_index)
         prd = torch.where((p >= 0) & (p < C), p, torch.full_like(p, C))
+        # One count of (image, target, prediction, own, fp) over the pixels gives every view. own: the
+        # pixel's class touches its context here (the pixel is in its class's contact band); fp: a pixel
+        # of ctx(prd) next to a prd pixel (in the predicted class's band, so no false positive there).
+        own, fp = torch.zeros_like(valid), torch.zeros_like(valid)
+        for nb in _neighbours(lab, C):
+            own |= self._ctx[lab, nb]
+            fp |= nb == prd
+        fp &= self._ctx[prd, lab]
         image = torch.arange(B, device=t.device).view(B, 1, 1)
-        conf = _count((image * (C + 1) + lab) * (C + 1) + prd, B * (C + 1) ** 2).view(B, C + 1, C + 1)
-        conf = conf[:, :C]  # per image, [target class, predicted class or C]
-        tp = conf.diagonal(dim1=1, dim2=2)[:, :C]
+        key = (((image * (C + 1) + lab) * (C + 1) + prd) * 2 + own.long()) * 2 + fp.long()
+        n = _count(key, B * (C + 1) ** 2 * 4).view(B, C + 1, C + 1, 2, 2)[:, :C]  # [image, target, pred, own, fp]
+        conf = n.sum((3, 4))
         present = conf.sum(2) > 0
-        stats = torch.stack([tp, conf[:, :, :C].sum(1) - tp, conf.sum(2) - tp, present.long()])  # (4, B, C)
-        ctx = self._ctx[:C, :C]
-        touches_ctx = ((_touches(lab, valid, C)[0] > 0) & ctx).any(2)  # (B, C): some c pixel touches ctx(c)
-        conflict = present & ~touches_ctx & ctx.any(1)
-        self.counts[0] += stats.sum(1)
-        self.counts[1] += (stats * conflict).sum(1)
-        for c, ctx_c in enumerate(self.context):
-            if not ctx_c:
-                continue
-            is_c, is_ctx, pc = lab == c, self._ctx[c][lab], prd == c
-            band = (is_c & _near(is_ctx)) | (is_ctx & _near(is_c))
-            region = valid & ~band & present[:, c].view(B, 1, 1)
-            tp_c, fn_c, fp_c = (region & is_c & pc).sum(), (region & is_c & ~pc).sum(), (region & ~is_c & pc).sum()
-            self.counts[2, :, c] += torch.stack([tp_c, fp_c, fn_c, present[:, c].sum()])
+        has_ctx = self._ctx[:C, :C].any(1)
+        conflict = present & (n[..., 1, :].sum((2, 3)) == 0) & has_ctx  # no pixel of c touches ctx(c)
+
+        def tp_fp_fn(for_tp_fn: torch.Tensor, for_fp: torch.Tensor) -> torch.Tensor:  # (4, B, C), with present
+            tp = for_tp_fn.diagonal(dim1=1, dim2=2)[:, :C]
+            fp = for_fp[:, :, :C].sum(1) - for_fp.diagonal(dim1=1, dim2=2)[:, :C]
+            return torch.stack([tp, fp, for_tp_fn.sum(2) - tp, present.long()])
+
+        every = tp_fp_fn(conf, conf)
+        self.counts[0] += every.sum(1)
+        self.counts[1] += (every * conflict).sum(1)
+        self.counts[2] += (tp_fp_fn(n[..., 0, :].sum(3), n[..., 0].sum(3)) * (present & has_ctx)).sum(1)
 
     @torch.no_grad()
     def compute(self, min_pixels: Optional[int] = None) -> ConflictResult:
