@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,7 +161,7 @@ def test_bad_checkpoints_for_resume_are_named(cs, tmp_path, monkeypatch):
     cli.main(cityscapes_args(cs, out, *RUN, "--no-val"))
     for path, why in _bad_checkpoints(tmp_path, out / "checkpoint.pt"):
         msg = _entry(monkeypatch, cityscapes_args(cs, out, "--steps", "3", "--no-val", "--resume", str(path)))
-        assert msg.startswith(f"error: {path}: ") and pytest.importorskip("re").search(why, msg), msg
+        assert msg.startswith(f"error: {path}: ") and re.search(why, msg), msg
 
 
 def test_plot_of_a_bad_log_is_named(cs, tmp_path, monkeypatch):
