@@ -613,10 +613,14 @@ class Plan:
 
     def counts(self, C: int, K: int) -> tuple[int, int, int, int]:
         """(channel blocks, logit blocks, Gram tiles, all tiles) for C channels and K logits."""
-        n_cb = triton.cdiv(C, self.block_c)
-        n_kb = triton.cdiv(K, self.block_k)
-        n_gt = n_cb * (n_cb + 1) // 2
-        return n_cb, n_kb, n_gt, n_gt + n_cb * n_kb
+        return _tile_counts(C, K, self.block_c, self.block_k)
+
+
+def _tile_counts(C: int, K: int, block_c: int, block_k: int) -> tuple[int, int, int, int]:
+    n_cb = triton.cdiv(C, block_c)
+    n_kb = triton.cdiv(K, block_k)
+    n_gt = n_cb * (n_cb + 1) // 2
+    return n_cb, n_kb, n_gt, n_gt + n_cb * n_kb
 
 
 def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype: torch.dtype,
@@ -668,10 +672,7 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
     g_mode = raw if sixteen else 2
     x_mode = raw if (sixteen and logits_dtype == feats_dtype) else 2
 
-    n_cb = triton.cdiv(C, block_c)
-    n_kb = triton.cdiv(K, block_k)
-    n_gt = n_cb * (n_cb + 1) // 2
-    n_tiles = n_gt + n_cb * n_kb
+    n_tiles = _tile_counts(C, K, block_c, block_k)[3]
     n_blocks = B * triton.cdiv(N, block_n)
     if splits is None:
         splits = 2 if interp else _pick_splits(n_tiles, n_blocks, t.sms)
