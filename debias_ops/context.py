@@ -270,11 +270,12 @@ class ContextStatistics(_Counts):
         C, B = self.num_classes, t.shape[0]
         lab, valid = _labels(t, C, self.ignore_index)
         image = torch.arange(B, device=t.device).view(B, 1, 1)
-        present = _count(torch.where(valid, image * C + lab, B * C), B * C).view(B, C) > 0
+        per_class = _count(torch.where(valid, image * C + lab, B * C), B * C).view(B, C)  # pixels per image
+        present = per_class > 0
         self.num_images += B
         self.images += present.sum(0)
         self.cooccurrence += (present[:, :, None] & present[:, None, :]).sum(0)
-        self.pixels += _count(lab, C)
+        self.pixels += per_class.sum(0)
         per_image, touches = _touches(lab, valid, C)
         self.touch += per_image.sum(0)
         self.touch_images += (per_image > 0).sum(0)
