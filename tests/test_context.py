@@ -324,3 +324,22 @@ def test_sync_sums_over_one_rank():
     for name in ContextStatistics._state:
         assert_close(getattr(stats, name), before[0][name], name=name)
     assert_close(ev.counts, before[1], name="counts")
+
+
+@pytest.mark.gpu
+def test_updates_never_sync_with_the_host():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    t = random_maps(3, 9, 11, C=4, seed=2).cuda()
+    stats, ev = ContextStatistics(4, device="cuda"), ContextConflictEval(4, [(1,), (2, 3), (), (0,)], min_pixels=1)
+    ev.update(t, t)  # the first update moves the evaluator's tables to the GPU
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats.update(t)
+        ev.update((t + 1) % 5, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close(ev.counts.cpu(), eval_loops(t.cpu(), t.cpu(), 4, [(1,), (2, 3), (), (0,)])
+                 + eval_loops(((t + 1) % 5).cpu(), t.cpu(), 4, [(1,), (2, 3), (), (0,)]), name="counts")
+    assert_close(stats.images.cpu(), stats_loops(t.cpu(), 4)["images"], name="images")
