@@ -659,7 +659,8 @@ def plan(B: int, C: int, K: int, N: int, feats_dtype: torch.dtype, logits_dtype:
         if interp:
             block_n = 16
         elif sixteen and not channels_last and kind in ("wgmma", "tcgen05") and not (mixed and kind == "tcgen05"):
-            # BLOCK_C 64: the BLOCK_N without wgmma serialisation (C7515) depends on the Triton
+            # BLOCK_C 64: the BLOCK_N without wgmma serialisation (C7515) depends on the Triton.
+            # (tcgen05 mixed NCHW keeps 32: 64 spills 132 B; benchmarks/NOTES_aot.md, "Targets")
             block_n = sm90_config("moments_nchw16_bc64_block_n") if block_c == 64 else 64
         else:
             block_n = 32
